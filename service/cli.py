@@ -1,0 +1,197 @@
+"""``radnode``: the command line (serve, worker, send, echo, db, config, demo)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from service.config import Destination, Settings, load_settings
+from service.errors import ConfigError
+from service.logging import configure
+
+log = logging.getLogger("radnode")
+
+config_option = click.option(
+    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML configuration file (keys documented in README).",
+)
+
+
+def _settings(config_file: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config_file, **overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _destination(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    try:
+        if isinstance(value, tuple):
+            return tuple(Destination.parse(v) for v in value)
+        return Destination.parse(value) if value is not None else None
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.group()
+@click.version_option(package_name="radnode")
+def main() -> None:
+    """radnode: a DICOM node that runs AI models on received series and returns SEG + SR."""
+
+
+@main.command()
+@config_option
+@click.option("--ae-title", help="The node's AE title [RADNODE].")
+@click.option("--host", help="Address to listen on [0.0.0.0].")
+@click.option("--port", type=int, help="DICOM port [11112].")
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Spool, results, database and embedded broker [./radnode-data].")
+@click.option("--destination", "destinations", multiple=True, callback=_destination,
+              metavar="AET@HOST:PORT", help="Where results go (repeatable).")
+@click.option("--quiet-period", type=float,
+              help="Seconds without a new instance before a series is complete [5].")
+@click.option("--no-worker", is_flag=True, help="Do not start the embedded Celery worker.")
+def serve(config_file: Path | None, ae_title: str | None, host: str | None, port: int | None,
+          data_dir: Path | None, destinations: tuple[Destination, ...],
+          quiet_period: float | None, no_worker: bool) -> None:
+    """Run the node: DICOM SCP, completion, job queue, delivery (and a worker)."""
+    from service.node import Node
+
+    base = _settings(config_file)
+    dicom = base.dicom.model_copy(update={k: v for k, v in
+                                          {"ae_title": ae_title, "host": host, "port": port}.items()
+                                          if v is not None})
+    completion = base.completion.model_copy(
+        update={"quiet_period_s": quiet_period} if quiet_period is not None else {})
+    broker = base.broker.model_copy(update={"embedded_worker": False} if no_worker else {})
+    settings = _settings(
+        config_file, dicom=dicom, completion=completion, broker=broker, data_dir=data_dir,
+        destinations=list(destinations) or None,
+    )
+    configure(settings.log_level)
+    node = Node(settings)
+    try:
+        node.start()
+    except OSError as exc:
+        node.stop()
+        raise click.ClickException(f"cannot start: {exc}") from exc
+    node.serve_forever()
+
+
+@main.command()
+@config_option
+@click.option("--queues", help="Comma-separated queues to consume [gpu].")
+@click.option("--concurrency", type=int, help="Worker processes [1]; one per GPU.")
+def worker(config_file: Path | None, queues: str | None, concurrency: int | None) -> None:
+    """Run a Celery worker that analyses series (needs the worker extras: torch)."""
+    from workers.celery_app import run_worker
+
+    settings = _settings(config_file)
+    configure(settings.log_level)
+    run_worker(
+        settings,
+        queues=queues.split(",") if queues else settings.worker.queues,
+        concurrency=concurrency or settings.worker.concurrency,
+        loglevel=settings.log_level,
+    )
+
+
+@main.command()
+@click.argument("destination", callback=_destination, metavar="AET@HOST:PORT")
+@click.option("--calling-ae", default="RADNODE", show_default=True)
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds.")
+def echo(destination: Destination, calling_ae: str, timeout: float) -> None:
+    """Send a C-ECHO to AET@HOST:PORT; exit 0 on Success."""
+    from service.dicom.scu import echo as send_echo
+
+    configure("WARNING")
+    status = send_echo(destination, calling_ae=calling_ae, timeout_s=timeout)
+    if status is None:
+        raise click.ClickException(f"no association with {destination}")
+    click.echo(f"C-ECHO {destination}: status 0x{status:04X}")
+    sys.exit(0 if status == 0 else 1)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--to", "destination", required=True, callback=_destination,
+              metavar="AET@HOST:PORT", help="The receiving AE.")
+@click.option("--calling-ae", default="RADNODE", show_default=True)
+def send(paths: tuple[Path, ...], destination: Destination, calling_ae: str) -> None:
+    """Send DICOM files and folders (recursively) with C-STORE, with a progress bar."""
+    from service.dicom.scu import find_dicom_files
+    from service.progress import send_with_progress
+
+    configure("WARNING")
+    files = find_dicom_files(paths)
+    if not files:
+        raise click.ClickException("no DICOM Part 10 files found")
+    outcomes = send_with_progress(destination, files, calling_ae=calling_ae)
+    failed = [o for o in outcomes if not o.ok]
+    click.echo(f"sent {len(outcomes) - len(failed)} of {len(outcomes)} to {destination}")
+    for outcome in failed[:20]:
+        status = "none" if outcome.status is None else f"0x{outcome.status:04X}"
+        click.echo(f"  failed: {outcome.path} (status {status}: {outcome.error or ''})", err=True)
+    sys.exit(1 if failed else 0)
+
+
+@main.group()
+def db() -> None:
+    """Database commands."""
+
+
+@db.command("upgrade")
+@config_option
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(config_file: Path | None, data_dir: Path | None, revision: str) -> None:
+    """Apply Alembic migrations up to REVISION."""
+    from service.db import migrate
+
+    settings = _settings(config_file, data_dir=data_dir)
+    configure(settings.log_level)
+    migrate.upgrade(settings.database_url, revision)
+    click.echo(f"database at revision {revision}")
+
+
+@main.group()
+def config() -> None:
+    """Configuration commands."""
+
+
+@config.command("check")
+@config_option
+def config_check(config_file: Path | None) -> None:
+    """Validate the configuration and print the effective values."""
+    import yaml
+
+    settings = _settings(config_file)
+    click.echo(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    click.echo("configuration is valid")
+
+
+@main.command()
+@click.option("--input", "input_dir", type=click.Path(exists=True, file_okay=False,
+                                                       path_type=Path),
+              help="Series to send [the real CT in ../shared/data, else a phantom].")
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
+              default=Path("radnode-demo"), show_default=True)
+@click.option("--quiet-period", type=float, default=2.0, show_default=True)
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Seconds to wait for the results.")
+def demo(input_dir: Path | None, data_dir: Path, quiet_period: float, timeout: float) -> None:
+    """Run the whole path on this machine: node, worker, a PACS, a CT series."""
+    from service.demo import run_demo
+
+    configure("WARNING")
+    sys.exit(run_demo(input_dir=input_dir, data_dir=data_dir, quiet_period_s=quiet_period,
+                      timeout_s=timeout))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Run Alembic migrations from code (``radnode db upgrade``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+import migrations
+from service.db.models import Base
+
+
+def alembic_config(url: str) -> Config:
+    """Return an Alembic config for ``url`` pointing at radnode's migrations."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["target_metadata"] = Base.metadata
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Upgrade the database at ``url`` to ``revision`` (default: the newest).
+
+    Raises
+    ------
+    sqlalchemy.exc.OperationalError
+        If the database cannot be reached.
+    """
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    """Downgrade the database at ``url`` to ``revision``."""
+    command.downgrade(alembic_config(url), revision)

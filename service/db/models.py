@@ -1,0 +1,148 @@
+"""ORM models: the database is the source of truth for every series, job and delivery.
+
+States
+------
+Series.state: ``receiving`` → ``complete`` (back to ``receiving`` when a late
+instance arrives; the series is analysed again once quiet).
+Job.state: ``pending`` (row written) → ``queued`` (published to the broker) →
+``running`` → ``succeeded`` | ``failed``.
+Delivery.state: ``pending`` → ``sending`` → ``sent`` | ``failed`` (after the
+last retry).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, MetaData, String, Text
+from sqlalchemy import UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+#: Constraint names that Alembic can rely on (same on SQLite and PostgreSQL).
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+UID = String(64)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with radnode's naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Series(Base):
+    """One series as received (DICOM PS3.3 C.7.3.1 General Series)."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completion_reason: Mapped[str | None] = mapped_column(String(32))
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+    jobs: Mapped[list[Job]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    """One stored SOP instance; ``path`` is relative to the spool directory."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(400))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    #: How many more times the same SOP Instance UID arrived (kept: the first).
+    duplicates: Mapped[int] = mapped_column(Integer, default=0)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """One analysis of one series by one model, run by a Celery worker."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    task_name: Mapped[str] = mapped_column(String(100))
+    queue: Mapped[str] = mapped_column(String(50))
+    model_name: Mapped[str] = mapped_column(String(100))
+    model_version: Mapped[str | None] = mapped_column(String(50))
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    #: Destination names ("AET@HOST:PORT" strings) chosen when the job was routed.
+    destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    #: Timings of the worker's steps, seconds (load, inference, encode, ...).
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    series: Mapped[Series] = relationship(back_populates="jobs")
+    results: Mapped[list[Result]] = relationship(back_populates="job")
+
+
+class Result(Base):
+    """An encoded result object (SEG or SR) written by a worker."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    #: Absolute path of the encoded file.
+    path: Mapped[str] = mapped_column(String(400))
+    #: What the result says (segments, volumes in mL, mean values), for display.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    job: Mapped[Job] = relationship(back_populates="results")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="result")
+
+
+class Delivery(Base):
+    """One (result instance, destination) pair and its state."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("result_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(120))
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Last DIMSE status received from the destination.
+    status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    result: Mapped[Result] = relationship(back_populates="deliveries")

@@ -1,0 +1,221 @@
+"""Data access as plain functions that take the session as a keyword argument.
+
+Every function leaves committing to the caller unless its docstring says
+otherwise, so that a caller can put several steps in one transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Table, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from service.db.models import Delivery, Instance, Job, Result, Series
+
+
+def _insert_ignoring_conflict(
+    session: Session, table: Table, values: dict[str, Any], index_elements: list[str]
+) -> bool:
+    """INSERT … ON CONFLICT DO NOTHING on SQLite and PostgreSQL; True if a row was added."""
+    dialect = session.get_bind().dialect.name
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(table).values(**values).on_conflict_do_nothing(
+        index_elements=index_elements
+    )
+    result = session.execute(stmt)
+    return bool(getattr(result, "rowcount", 0))
+
+
+def instance_exists(sop_instance_uid: str, *, session: Session) -> bool:
+    """Return True if an instance with this SOP Instance UID is already stored."""
+    found = session.execute(
+        select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+    ).first()
+    return found is not None
+
+
+def count_duplicate(sop_instance_uid: str, *, session: Session) -> None:
+    """Count one more arrival of an already stored SOP Instance UID (the first is kept)."""
+    session.execute(
+        update(Instance)
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+        .values(duplicates=Instance.duplicates + 1)
+    )
+
+
+def record_instance(
+    *,
+    session: Session,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    sop_class_uid: str,
+    transfer_syntax_uid: str,
+    modality: str,
+    path: str,
+    size_bytes: int,
+    calling_ae_title: str,
+    received_at: datetime,
+) -> bool:
+    """Record a stored instance and update its series.
+
+    A series that was complete goes back to ``receiving`` (late instance: it
+    is analysed again once quiet; deterministic result UIDs make the new
+    results replace the old ones).
+
+    Returns
+    -------
+    bool
+        True if the instance is new, False if its SOP Instance UID was already
+        recorded (then only the duplicate counter changes).
+    """
+    _insert_ignoring_conflict(
+        session,
+        Series.__table__,  # type: ignore[arg-type]
+        {
+            "series_instance_uid": series_instance_uid,
+            "study_instance_uid": study_instance_uid,
+            "modality": modality,
+            "calling_ae_title": calling_ae_title,
+            "state": "receiving",
+            "instance_count": 0,
+            "first_received_at": received_at,
+            "last_received_at": received_at,
+        },
+        ["series_instance_uid"],
+    )
+    series_id = session.execute(
+        select(Series.id).where(Series.series_instance_uid == series_instance_uid)
+    ).scalar_one()
+    added = _insert_ignoring_conflict(
+        session,
+        Instance.__table__,  # type: ignore[arg-type]
+        {
+            "series_id": series_id,
+            "sop_instance_uid": sop_instance_uid,
+            "sop_class_uid": sop_class_uid,
+            "transfer_syntax_uid": transfer_syntax_uid,
+            "path": path,
+            "size_bytes": size_bytes,
+            "received_at": received_at,
+            "calling_ae_title": calling_ae_title,
+            "duplicates": 0,
+        },
+        ["sop_instance_uid"],
+    )
+    if not added:
+        count_duplicate(sop_instance_uid, session=session)
+        return False
+    session.execute(
+        update(Series)
+        .where(Series.id == series_id)
+        .values(
+            instance_count=Series.instance_count + 1,
+            last_received_at=received_at,
+            state="receiving",
+        )
+    )
+    return True
+
+
+def complete_quiet_series(
+    *, session: Session, now: datetime, quiet_period_s: float
+) -> list[Series]:
+    """Mark series with no new instance for ``quiet_period_s`` seconds complete.
+
+    Returns
+    -------
+    list[Series]
+        The series that became complete now, with ``completion_reason``
+        ``"quiet_period"``.
+    """
+    cutoff = now - timedelta(seconds=quiet_period_s)
+    rows = session.scalars(
+        select(Series).where(Series.state == "receiving", Series.last_received_at <= cutoff)
+    ).all()
+    for series in rows:
+        series.state = "complete"
+        series.completed_at = now
+        series.completion_reason = "quiet_period"
+    return list(rows)
+
+
+def add_job(
+    *,
+    session: Session,
+    series: Series,
+    task_name: str,
+    queue: str,
+    model_name: str,
+    destinations: Sequence[str],
+    now: datetime,
+) -> Job:
+    """Add a ``pending`` job for a series; it is published after commit."""
+    job = Job(
+        series_id=series.id,
+        task_name=task_name,
+        queue=queue,
+        model_name=model_name,
+        destinations=list(destinations),
+        state="pending",
+        attempts=0,
+        created_at=now,
+    )
+    session.add(job)
+    return job
+
+
+def pending_jobs(*, session: Session) -> list[Job]:
+    """Jobs written but not yet handed to the broker, oldest first."""
+    return list(session.scalars(select(Job).where(Job.state == "pending").order_by(Job.id)))
+
+
+def instance_paths(series_id: int, *, session: Session) -> list[str]:
+    """Spool-relative paths of a series' instances, in arrival order."""
+    return list(
+        session.scalars(
+            select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.id)
+        )
+    )
+
+
+def due_deliveries(*, session: Session, now: datetime, limit: int = 100) -> list[Delivery]:
+    """Pending deliveries whose next attempt is due, oldest first."""
+    return list(
+        session.scalars(
+            select(Delivery)
+            .where(Delivery.state == "pending", Delivery.next_attempt_at <= now)
+            .order_by(Delivery.id)
+            .limit(limit)
+        )
+    )
+
+
+def series_by_uid(series_instance_uid: str, *, session: Session) -> Series | None:
+    """Return the series with this Series Instance UID, or None."""
+    return session.scalars(
+        select(Series).where(Series.series_instance_uid == series_instance_uid)
+    ).first()
+
+
+def jobs_for_series(series_id: int, *, session: Session) -> list[Job]:
+    """All jobs of a series, oldest first."""
+    return list(session.scalars(select(Job).where(Job.series_id == series_id).order_by(Job.id)))
+
+
+def results_for_job(job_id: int, *, session: Session) -> list[Result]:
+    """All results of a job."""
+    return list(session.scalars(select(Result).where(Result.job_id == job_id).order_by(Result.id)))
+
+
+def deliveries_for_result(result_id: int, *, session: Session) -> list[Delivery]:
+    """All deliveries of a result."""
+    return list(
+        session.scalars(
+            select(Delivery).where(Delivery.result_id == result_id).order_by(Delivery.id)
+        )
+    )

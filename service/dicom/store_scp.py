@@ -1,0 +1,41 @@
+"""A minimal receiving AE that writes every instance to a folder.
+
+Used by ``radnode demo`` as the stand-in PACS. It is not the node's SCP: it
+keeps no database and runs no pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pynetdicom import evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from service.config import DicomSettings
+from service.dicom.spool import write_durably
+from service.dicom.uids import is_valid_uid
+from service.scp.server import build_ae
+
+
+def start_folder_scp(ae_title: str, host: str, port: int, folder: Path) -> ThreadedAssociationServer:
+    """Start a C-STORE SCP on ``host:port`` that writes ``<folder>/<SOP Instance UID>.dcm``.
+
+    Raises
+    ------
+    OSError
+        If the port cannot be bound.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def handle_store(event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if not is_valid_uid(uid):
+            return 0xC000
+        write_durably(folder / f"{uid}.dcm", event.encoded_dataset(include_meta=True))
+        return 0x0000
+
+    ae = build_ae(DicomSettings(ae_title=ae_title, host=host, port=port))
+    server = ae.start_server((host, port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+    assert server is not None
+    return server

@@ -1,0 +1,139 @@
+"""The node: SCP, scheduler loops and (embedded mode) a Celery worker process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import FrameType
+
+from sqlalchemy import update
+
+from service.config import Settings, dump_settings
+from service.db import migrate
+from service.db.models import Delivery
+from service.db.session import make_engine, make_session_factory
+from service.queue import make_celery
+from service.scheduler import Loop, complete_and_route, deliver_due, publish_pending
+from service.scp.handlers import StoreContext
+from service.scp.server import start_scp
+
+log = logging.getLogger("radnode.node")
+
+
+class EmbeddedWorker:
+    """A ``radnode worker`` child process, restarted if it dies unexpectedly."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.config_path = settings.data_dir / "run" / "worker-config.yaml"
+        dump_settings(settings, self.config_path)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="worker-watch", daemon=True)
+
+    def _spawn(self) -> None:
+        cmd = [sys.executable, "-m", "service.cli", "worker", "--config", str(self.config_path)]
+        self.process = subprocess.Popen(cmd, start_new_session=True)
+        log.info("embedded worker started (pid %d)", self.process.pid)
+
+    def start(self) -> None:
+        """Start the worker and a thread that restarts it if it exits."""
+        self._spawn()
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            if self.process is not None and self.process.poll() is not None:
+                log.error("embedded worker exited with %s; restarting", self.process.returncode)
+                time.sleep(2.0)
+                if not self._stopping.is_set():
+                    self._spawn()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Stop the worker (warm shutdown, then kill after ``timeout_s``)."""
+        self._stopping.set()
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+class Node:
+    """Everything ``radnode serve`` runs, in one object with start and stop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._loops: list[Loop] = []
+        self._worker: EmbeddedWorker | None = None
+        self._server: object | None = None
+
+    def start(self) -> None:
+        """Prepare directories and database, then start SCP, loops and worker.
+
+        Raises
+        ------
+        OSError
+            If the DICOM port cannot be bound or the data directory is not writable.
+        """
+        s = self.settings
+        for folder in (s.data_dir, s.spool_dir, s.results_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        if s.database.auto_upgrade:
+            migrate.upgrade(s.database_url)
+        engine = make_engine(s.database_url)
+        factory = make_session_factory(engine)
+        with factory() as session:
+            # A delivery interrupted by a stop is tried again.
+            session.execute(update(Delivery).where(Delivery.state == "sending")
+                            .values(state="pending"))
+            session.commit()
+        app = make_celery(s)
+        if s.broker.embedded_worker:
+            self._worker = EmbeddedWorker(s)
+            self._worker.start()
+        interval = s.completion.check_interval_s
+        self._loops = [
+            Loop("completion", lambda: (complete_and_route(s, factory),
+                                        publish_pending(app, factory)), interval),
+            Loop("delivery", lambda: deliver_due(s, factory), interval),
+        ]
+        for loop in self._loops:
+            loop.start()
+        self._server = start_scp(s.dicom, StoreContext(s.spool_dir.resolve(), factory))
+        log.info("radnode ready: AE %s on %s:%d, data in %s, database %s, broker %s",
+                 s.dicom.ae_title, s.dicom.host, s.dicom.port, s.data_dir,
+                 engine.url.render_as_string(hide_password=True),
+                 "embedded" if s.embedded_broker else "external")
+
+    def serve_forever(self) -> None:
+        """Block until SIGINT or SIGTERM, then stop cleanly."""
+
+        def _handle(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %d: stopping", signum)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, _handle)
+        signal.signal(signal.SIGINT, _handle)
+        self._stop.wait()
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop accepting associations, finish loop steps, stop the worker."""
+        if self._server is not None:
+            self._server.shutdown()  # type: ignore[attr-defined]
+            self._server = None
+        for loop in self._loops:
+            loop.stop()
+        if self._worker is not None:
+            self._worker.stop()
+        log.info("radnode stopped")
+

@@ -1,0 +1,156 @@
+"""C-ECHO and C-STORE handlers (DICOM PS3.4 Annex A and B).
+
+The C-STORE handler never decodes pixels and never runs a model: it reads the
+few attributes it needs, writes the peer's encoded bytes (with a File Meta
+header) durably to the spool, records the instance, and only then answers
+Success. Anything that prevents that answers a failure status with an Error
+Comment, logs the reason with UIDs and AE titles only, and leaves no partial
+file and no row behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import repository
+from service.db.session import utcnow
+from service.dicom import spool
+from service.dicom.uids import require_uid
+from service.errors import InvalidInstanceError
+
+log = logging.getLogger("radnode.scp")
+
+#: DICOM PS3.4 B.2.3 / PS3.7 C statuses used by the C-STORE SCP.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+@dataclass
+class StoreContext:
+    """What the C-STORE handler needs: where to write and where to record."""
+
+    spool_dir: Path
+    session_factory: sessionmaker[Session]
+
+
+def handle_echo(event: evt.Event) -> int:
+    """Answer C-ECHO with Success (DICOM PS3.7 9.3.5)."""
+    log.info("C-ECHO from AE %s", event.assoc.requestor.ae_title)
+    return SUCCESS
+
+
+def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
+    """Store one instance durably, then answer Success.
+
+    Parameters
+    ----------
+    event : pynetdicom.events.Event
+        The ``EVT_C_STORE`` event.
+    context : StoreContext
+        Spool directory and session factory.
+
+    Returns
+    -------
+    int or pydicom.dataset.Dataset
+        0x0000 on success (also for a duplicate SOP Instance UID, which is
+        counted and not written again: the first copy is kept); otherwise a
+        status dataset with Status and ErrorComment: 0xC000 when UIDs are
+        missing or invalid or the data set cannot be parsed, 0xA900 when the
+        data set's SOP Class/Instance UID differ from the request's, 0xA700
+        when it cannot be written or recorded.
+    """
+    calling_ae = str(event.assoc.requestor.ae_title).strip()
+    request = event.request
+    try:
+        sop_instance_uid = require_uid(request.AffectedSOPInstanceUID, "SOP Instance UID")
+        sop_class_uid = require_uid(request.AffectedSOPClassUID, "SOP Class UID")
+        try:
+            dataset = event.dataset
+            study_uid_raw: Any = dataset.get("StudyInstanceUID")
+            series_uid_raw: Any = dataset.get("SeriesInstanceUID")
+            ds_sop_instance: Any = dataset.get("SOPInstanceUID")
+            ds_sop_class: Any = dataset.get("SOPClassUID")
+            modality = str(dataset.get("Modality", "") or "")[:16]
+        except Exception as exc:  # pydicom raises many types on bad bytes
+            raise InvalidInstanceError(
+                f"cannot parse data set: {type(exc).__name__}", CANNOT_UNDERSTAND
+            ) from exc
+        study_uid = require_uid(study_uid_raw, "Study Instance UID")
+        series_uid = require_uid(series_uid_raw, "Series Instance UID")
+        if ds_sop_instance is not None and str(ds_sop_instance) != sop_instance_uid:
+            raise InvalidInstanceError(
+                "SOP Instance UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS
+            )
+        if ds_sop_class is not None and str(ds_sop_class) != sop_class_uid:
+            raise InvalidInstanceError(
+                "SOP Class UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS
+            )
+    except InvalidInstanceError as exc:
+        log.warning("C-STORE refused from AE %s: %s (status 0x%04X)", calling_ae, exc, exc.status)
+        return _status(exc.status, str(exc))
+
+    try:
+        with context.session_factory() as session:
+            if repository.instance_exists(sop_instance_uid, session=session):
+                repository.count_duplicate(sop_instance_uid, session=session)
+                session.commit()
+                log.info("duplicate SOP Instance UID %s from AE %s: kept the first copy",
+                         sop_instance_uid, calling_ae)
+                return SUCCESS
+    except SQLAlchemyError as exc:
+        log.error("database error before storing %s: %s", sop_instance_uid, type(exc).__name__)
+        return _status(OUT_OF_RESOURCES, "database unavailable")
+
+    relative = spool.relative_path(study_uid, series_uid, sop_instance_uid)
+    target = context.spool_dir / relative
+    try:
+        size = spool.write_durably(target, event.encoded_dataset(include_meta=True))
+    except OSError as exc:
+        log.error("cannot write %s to the spool: %s", sop_instance_uid, exc.strerror)
+        return _status(OUT_OF_RESOURCES, "cannot write to the spool")
+
+    try:
+        with context.session_factory() as session:
+            new = repository.record_instance(
+                session=session,
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+                sop_instance_uid=sop_instance_uid,
+                sop_class_uid=sop_class_uid,
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                modality=modality,
+                path=relative,
+                size_bytes=size,
+                calling_ae_title=calling_ae[:16],
+                received_at=utcnow(),
+            )
+            session.commit()
+    except SQLAlchemyError as exc:
+        # Not recorded: remove the file so that no unrecorded data is left.
+        target.unlink(missing_ok=True)
+        log.error("cannot record %s: %s", sop_instance_uid, type(exc).__name__)
+        return _status(OUT_OF_RESOURCES, "cannot record the instance")
+    if not new:
+        log.info("duplicate SOP Instance UID %s from AE %s (concurrent): kept the first copy",
+                 sop_instance_uid, calling_ae)
+    else:
+        log.debug("stored %s (series %s) from AE %s", sop_instance_uid, series_uid, calling_ae)
+    return SUCCESS

@@ -1,0 +1,85 @@
+"""The node's Application Entity: a pynetdicom SCP for C-ECHO and C-STORE."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from service.config import DicomSettings
+from service.scp.handlers import StoreContext, handle_echo, handle_store
+
+log = logging.getLogger("radnode.scp")
+
+#: Transfer syntaxes the SCP accepts for storage: every one pydicom knows
+#: (implicit/explicit little endian, explicit big endian, deflate, JPEG
+#: baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE, ...). The received
+#: bytes are stored as sent; nothing is decoded in the SCP.
+STORAGE_TRANSFER_SYNTAXES = [str(ts) for ts in AllTransferSyntaxes]
+
+
+def _on_accepted(event: evt.Event) -> None:
+    requestor = event.assoc.requestor
+    log.info("association accepted: calling AE %s from %s:%s", requestor.ae_title,
+             requestor.address, requestor.port)
+
+
+def _on_released(event: evt.Event) -> None:
+    log.info("association released: calling AE %s", event.assoc.requestor.ae_title)
+
+
+def _on_aborted(event: evt.Event) -> None:
+    log.warning("association aborted: calling AE %s", event.assoc.requestor.ae_title)
+
+
+def build_ae(settings: DicomSettings) -> AE:
+    """Return the node's AE with every storage SOP class and transfer syntax.
+
+    Parameters
+    ----------
+    settings : DicomSettings
+        AE title, limits and timeouts (seconds).
+    """
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_size
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.network_timeout = settings.network_timeout_s
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+    return ae
+
+
+def start_scp(settings: DicomSettings, context: StoreContext) -> ThreadedAssociationServer:
+    """Start listening on ``settings.host:settings.port`` in background threads.
+
+    Returns
+    -------
+    pynetdicom.transport.ThreadedAssociationServer
+        Call ``shutdown()`` on it to stop.
+
+    Raises
+    ------
+    OSError
+        If the port cannot be bound (in use, no permission).
+    """
+    ae = build_ae(settings)
+    handlers: list[Any] = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [context]),
+        (evt.EVT_ACCEPTED, _on_accepted),
+        (evt.EVT_RELEASED, _on_released),
+        (evt.EVT_ABORTED, _on_aborted),
+    ]
+    server = ae.start_server(
+        (settings.host, settings.port), block=False, evt_handlers=handlers
+    )
+    log.info("SCP %s listening on %s:%d", settings.ae_title, settings.host, settings.port)
+    assert server is not None
+    return server

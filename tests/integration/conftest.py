@@ -1,0 +1,134 @@
+"""Real processes for the integration suite: radnode serve, dcmtk storescp/storescu.
+
+Nothing here is faked: the node runs as its own OS process with its embedded
+Celery worker process, and the peers are dcmtk's programs from Debian.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def missing(reason: str) -> None:
+    """Skip locally, fail in CI (a CI run must never skip a real-peer test)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this is an error, not a skip)")
+    pytest.skip(reason)
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        missing(f"{name} is not installed (apt-get install dcmtk dicom3tools)")
+    assert path is not None
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    default = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    path = Path(os.environ.get("RADNODE_TEST_DATA", str(default)))
+    if not path.is_dir():
+        missing(f"test data folder {path} not found (set RADNODE_TEST_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_ct_dir(data_dir: Path) -> Path:
+    path = data_dir / "ct_abdomen_pancreas_tcia"
+    if not path.is_dir():
+        missing(f"{path} not found")
+    return path
+
+
+@dataclass
+class Peer:
+    ae_title: str
+    port: int
+    folder: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def storescp_pacs(tmp_path: Path) -> Iterator[Peer]:
+    """dcmtk storescp playing the PACS, writing what it receives to a folder."""
+    exe = require_tool("storescp")
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    port = free_port()
+    log = tmp_path / "storescp.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [exe, "-aet", "PACS", "-od", str(folder), "+xa", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_for_port(port, process)
+        yield Peer("PACS", port, folder, process, log)
+    finally:
+        stop(process)
+
+
+def start_node(tmp_path: Path, *extra: str, quiet_period: float = 2.0,
+               destinations: tuple[str, ...] = ()) -> Peer:
+    port = free_port()
+    data = tmp_path / "node"
+    log = tmp_path / "node.log"
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--ae-title", "RADNODE",
+           "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data),
+           "--quiet-period", str(quiet_period), *extra]
+    for destination in destinations:
+        cmd += ["--destination", destination]
+    with log.open("wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_for_port(port, process)
+    except Exception:
+        stop(process)
+        raise RuntimeError(f"radnode serve did not start:\n{log.read_text()}") from None
+    return Peer("RADNODE", port, data, process, log)

@@ -1,0 +1,50 @@
+"""The worker side of the Celery application: registers radnode's tasks."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from celery import Celery
+
+from service.config import Settings
+from service.queue import ANALYSE_SERIES, make_celery
+
+log = logging.getLogger("radnode.worker")
+
+
+def create_worker_app(settings: Settings) -> Celery:
+    """Return the Celery app with the analysis task registered.
+
+    Models are loaded lazily inside the worker process that runs the task
+    (never in the parent before fork) and stay warm for the next job.
+    """
+    app = make_celery(settings)
+
+    @app.task(name=ANALYSE_SERIES, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    def analyse_series(job_id: int) -> str:
+        from workers.tasks import run_analysis, session_factory_for
+
+        return run_analysis(job_id, settings=settings,
+                            session_factory=session_factory_for(settings),
+                            hostname=socket.gethostname())
+
+    return app
+
+
+def run_worker(settings: Settings, *, queues: list[str], concurrency: int,
+               loglevel: str = "INFO") -> None:
+    """Run a Celery worker in this process until it is stopped (SIGTERM: warm shutdown)."""
+    app = create_worker_app(settings)
+    argv = [
+        "worker",
+        f"--loglevel={loglevel}",
+        f"--queues={','.join(queues)}",
+        f"--concurrency={concurrency}",
+        "--hostname=radnode-worker@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    log.info("worker consuming %s with concurrency %d", ",".join(queues), concurrency)
+    app.worker_main(argv=argv)
