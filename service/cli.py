@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,11 @@ def serve(config_file: Path | None, ae_title: str | None, host: str | None, port
 @click.option("--concurrency", type=int, help="Worker processes [1]; one per GPU.")
 def worker(config_file: Path | None, queues: str | None, concurrency: int | None) -> None:
     """Run a Celery worker that analyses series (needs the worker extras: torch)."""
+    from service.node import die_with_parent
     from workers.celery_app import run_worker
 
+    if os.environ.get("RADNODE_PARENT_PID", "").isdigit():
+        die_with_parent(int(os.environ["RADNODE_PARENT_PID"]))
     settings = _settings(config_file)
     configure(settings.log_level)
     run_worker(

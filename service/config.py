@@ -88,8 +88,9 @@ class Destination(_Section):
         ConfigError
             If the text is not of that form or a part is invalid.
         """
-        match = re.fullmatch(r"(?P<aet>[^@]{1,16})@(?P<host>[^:@]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)",
-                             text.strip())
+        match = re.fullmatch(
+            r"(?P<aet>[^@]{1,16})@(?P<host>[^:@]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)", text.strip()
+        )
         if not match:
             raise ConfigError(f"{text!r} is not of the form AET@HOST:PORT, e.g. PACS@10.0.0.5:104")
         try:

@@ -54,6 +54,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _walk(items: Any) -> Iterator[Dataset]:
     for item in items or []:
         yield item
@@ -86,15 +91,23 @@ def sr_findings(sr: Dataset) -> list[dict[str, Any]]:
     return findings
 
 
-def _seconds(later: Any, earlier: Any) -> str:
-    if later is None or earlier is None:
-        return "-"
-    return f"{(as_utc(later) - as_utc(earlier)).total_seconds():.2f} s"
-
-
 def run_demo(*, input_dir: Path | None, data_dir: Path, quiet_period_s: float,
-             timeout_s: float) -> int:
-    """Run the demo; return the exit status (0 only if SEG and SR reached the PACS)."""
+             timeout_s: float, report: dict[str, float] | None = None) -> int:
+    """Run the demo; return the exit status (0 only if SEG and SR reached the PACS).
+
+    Parameters
+    ----------
+    input_dir : pathlib.Path or None
+        Series to send; None: the real CT from the shared data, else a phantom.
+    data_dir : pathlib.Path
+        Emptied and used for the node, the PACS folder and the log.
+    quiet_period_s : float
+        The node's completion quiet period, seconds.
+    timeout_s : float
+        Longest wait for SEG and SR after the last slice was sent, seconds.
+    report : dict, optional
+        Filled with :func:`hop_timings` (seconds) when the results arrived.
+    """
     console = Console()
     if data_dir.exists():
         shutil.rmtree(data_dir)
@@ -130,7 +143,7 @@ def run_demo(*, input_dir: Path | None, data_dir: Path, quiet_period_s: float,
                                 start_new_session=True)
     try:
         return _drive(console, files, node, node_port, node_dir, pacs_dir, timeout_s,
-                      quiet_period_s)
+                      quiet_period_s, report)
     finally:
         if node.poll() is None:
             os.killpg(node.pid, signal.SIGTERM)
@@ -142,14 +155,18 @@ def run_demo(*, input_dir: Path | None, data_dir: Path, quiet_period_s: float,
 
 
 def _drive(console: Console, files: list[Path], node: subprocess.Popen[bytes], node_port: int,
-           node_dir: Path, pacs_dir: Path, timeout_s: float, quiet_period_s: float) -> int:
+           node_dir: Path, pacs_dir: Path, timeout_s: float, quiet_period_s: float,
+           report: dict[str, float] | None) -> int:
     target = Destination(ae_title="RADNODE", host="127.0.0.1", port=node_port)
     deadline = time.monotonic() + 60
-    while echo(target, calling_ae="DEMOSCANNER", timeout_s=2) != 0:
+    while not _listening(node_port):
         if node.poll() is not None or time.monotonic() > deadline:
             console.print("[red]the node did not start; see node.log[/]")
             return 1
-        time.sleep(0.3)
+        time.sleep(0.2)
+    if echo(target, calling_ae="DEMOSCANNER", timeout_s=10) != 0:
+        console.print("[red]the node does not answer C-ECHO; see node.log[/]")
+        return 1
 
     outcomes = send_with_progress(target, files, calling_ae="DEMOSCANNER")
     failed = [o for o in outcomes if not o.ok]
@@ -177,14 +194,56 @@ def _drive(console: Console, files: list[Path], node: subprocess.Popen[bytes], n
         console.print(f"[red]the SEG and SR did not reach the PACS within {timeout_s:.0f} s;"
                       " see node.log[/]")
         return 1
-    _summary(console, seg, sr, files, node_dir, pacs_dir, wall, quiet_period_s)
+    hops = _summary(console, seg, sr, files, node_dir, pacs_dir, wall, quiet_period_s)
+    if report is not None:
+        report.update(hops)
     return 0
 
 
+def hop_timings(node_dir: Path, source_series_uid: str) -> dict[str, float]:
+    """Seconds spent in each hop of the newest job of a series, from the node's database.
+
+    Keys: ``receive`` (first → last instance), ``complete`` (last instance →
+    series complete), ``queue`` (complete → job started), ``analyse`` (job
+    started → SEG+SR written), ``deliver`` (written → last delivery
+    acknowledged), ``end_to_end`` (last instance → last delivery
+    acknowledged), plus the worker's own step timings (``load_s`` …).
+    """
+    factory = make_session_factory(make_engine(f"sqlite:///{node_dir / 'radnode.db'}"))
+    out: dict[str, float] = {}
+    with factory() as session:
+        series = repository.series_by_uid(source_series_uid, session=session)
+        if series is None:
+            return out
+        jobs = repository.jobs_for_series(series.id, session=session)
+        if not jobs:
+            return out
+        job = jobs[-1]
+        sent = [d.sent_at for r in repository.results_for_job(job.id, session=session)
+                for d in repository.deliveries_for_result(r.id, session=session) if d.sent_at]
+        marks = {
+            "first": series.first_received_at, "last": series.last_received_at,
+            "complete": series.completed_at, "started": job.started_at,
+            "finished": job.finished_at, "delivered": max(sent) if sent else None,
+        }
+        for name, (later, earlier) in {
+            "receive": ("last", "first"), "complete": ("complete", "last"),
+            "queue": ("started", "complete"), "analyse": ("finished", "started"),
+            "deliver": ("delivered", "finished"), "end_to_end": ("delivered", "last"),
+        }.items():
+            end, begin = marks[later], marks[earlier]
+            if end is not None and begin is not None:
+                out[name] = (as_utc(end) - as_utc(begin)).total_seconds()
+        out["instances"] = float(series.instance_count)
+        for key, value in (job.timings or {}).items():
+            if isinstance(value, float):
+                out[key] = value
+    return out
+
+
 def _summary(console: Console, seg: Dataset, sr: Dataset, files: list[Path], node_dir: Path,
-             pacs_dir: Path, wall_s: float, quiet_period_s: float) -> None:
-    table = Table(title=f"Findings (from the SR in the PACS; {seg.get('ContentCreatorName', '')}"
-                  f" {sr.get('SeriesDescription', '')})")
+             pacs_dir: Path, wall_s: float, quiet_period_s: float) -> dict[str, float]:
+    table = Table(title=f"Findings (from the SR in the PACS: {sr.get('SeriesDescription', '')})")
     table.add_column("segment")
     table.add_column("volume (mL)", justify="right")
     table.add_column("mean (HU)", justify="right")
@@ -197,37 +256,26 @@ def _summary(console: Console, seg: Dataset, sr: Dataset, files: list[Path], nod
     console.print(f"SEG {seg.SOPInstanceUID} ({len(seg.SegmentSequence)} segments) and "
                   f"SR {sr.SOPInstanceUID} are in the PACS folder {pacs_dir}")
 
-    factory = make_session_factory(make_engine(f"sqlite:///{node_dir / 'radnode.db'}"))
-    with factory() as session:
-        series = repository.series_by_uid(str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID),
-                                          session=session)
-        if series is None:
-            return
-        job = repository.jobs_for_series(series.id, session=session)[-1]
-        sent = [d.sent_at for r in repository.results_for_job(job.id, session=session)
-                for d in repository.deliveries_for_result(r.id, session=session) if d.sent_at]
-        delivered = max(sent) if sent else None
-        timing = Table(title="Timings")
-        timing.add_column("hop")
-        timing.add_column("time", justify="right")
-        timing.add_row(f"received ({series.instance_count} instances)",
-                       _seconds(series.last_received_at, series.first_received_at))
-        timing.add_row(f"→ series complete (quiet period {quiet_period_s:g} s)",
-                       _seconds(series.completed_at, series.last_received_at))
-        timing.add_row("→ job started on the worker", _seconds(job.started_at, series.completed_at))
-        timing.add_row("→ analysed (load, model, SEG+SR encoded)",
-                       _seconds(job.finished_at, job.started_at))
-        timing.add_row("→ delivered to the PACS", _seconds(delivered, job.finished_at))
-        timing.add_row("last slice received → SEG+SR acknowledged",
-                       _seconds(delivered, series.last_received_at))
-        if delivered is not None:
-            latency = (as_utc(delivered) - as_utc(series.last_received_at)).total_seconds()
-            timing.add_row("  the same, minus the quiet period",
-                           f"{latency - quiet_period_s:.2f} s")
-        console.print(timing)
-        if job.timings:
-            parts = ", ".join(f"{k} {v:.2f} s" for k, v in job.timings.items()
-                              if isinstance(v, float))
-            console.print(f"worker on {job.timings.get('device', '?')}: {parts}")
+    hops = hop_timings(node_dir, str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID))
+    timing = Table(title="Timings")
+    timing.add_column("hop")
+    timing.add_column("time", justify="right")
+    for key, label in (
+        ("receive", f"received ({len(files)} instances)"),
+        ("complete", f"→ series complete (quiet period {quiet_period_s:g} s)"),
+        ("queue", "→ job started on the worker"),
+        ("analyse", "→ analysed (load, model, SEG+SR encoded)"),
+        ("deliver", "→ delivered to the PACS"),
+        ("end_to_end", "last slice received → SEG+SR acknowledged"),
+    ):
+        timing.add_row(label, f"{hops[key]:.2f} s" if key in hops else "-")
+    if "end_to_end" in hops:
+        timing.add_row("  the same, minus the quiet period",
+                       f"{hops['end_to_end'] - quiet_period_s:.2f} s")
+    console.print(timing)
+    steps = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in hops.items()
+                      if k.endswith("_s"))
+    console.print(f"worker steps: {steps}")
     console.print(f"[green]OK[/]: SEG and SR reached the PACS {wall_s:.1f} s after the last "
                   f"slice was acknowledged ({len(files)} instances sent)")
+    return hops

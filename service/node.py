@@ -25,6 +25,22 @@ from service.scp.server import start_scp
 log = logging.getLogger("radnode.node")
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies (PR_SET_PDEATHSIG).
+
+    Called by an embedded worker at start, so that a node killed outright
+    (SIGKILL, OOM) leaves no orphan worker behind. Elsewhere it does nothing.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class EmbeddedWorker:
     """A ``radnode worker`` child process, restarted if it dies unexpectedly."""
 
@@ -37,7 +53,10 @@ class EmbeddedWorker:
 
     def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "service.cli", "worker", "--config", str(self.config_path)]
-        self.process = subprocess.Popen(cmd, start_new_session=True)
+        # Own session: the node decides when the worker stops (warm shutdown); and
+        # the worker asks for SIGTERM should the node be killed outright.
+        env = {**os.environ, "RADNODE_PARENT_PID": str(os.getpid())}
+        self.process = subprocess.Popen(cmd, start_new_session=True, env=env)
         log.info("embedded worker started (pid %d)", self.process.pid)
 
     def start(self) -> None:

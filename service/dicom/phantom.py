@@ -21,6 +21,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     generate_uid,
@@ -183,10 +184,10 @@ def _ds(value: float) -> str:
     return str(format_number_as_ds(float(value)))
 
 
-def _uid(seed: int, grid: _Grid, *parts: object) -> str:
+def _uid(seed: int, grid: _Grid, *parts: object) -> UID:
     """A UID that depends only on the seed, the grid and ``parts``."""
     sources = ["radnode-ct-phantom", str(seed), repr(grid), *map(str, parts)]
-    return str(generate_uid(entropy_srcs=sources))
+    return generate_uid(entropy_srcs=sources)
 
 
 def write_ct_phantom(
@@ -199,7 +200,7 @@ def write_ct_phantom(
     slice_thickness_mm: float = 2.5,
     seed: int = 0,
 ) -> list[Path]:
-    """Write the phantom as a CT Image Storage series, one file per slice.
+    r"""Write the phantom as a CT Image Storage series, one file per slice.
 
     Parameters
     ----------
@@ -226,7 +227,7 @@ def write_ct_phantom(
 
     Notes
     -----
-    Axial slices, Image Orientation (Patient) ``1\\0\\0\\0\\1\\0``, patient
+    Axial slices, Image Orientation (Patient) ``1\0\0\0\1\0``, patient
     head first supine; slice ``k`` lies at ``z = z0 + k * slice_thickness_mm``
     with the volume centred on the origin. Stored values are unsigned 16-bit
     (12 bits stored), Rescale Intercept -1024, Rescale Slope 1, HU.

@@ -7,6 +7,7 @@ keeps no database and runs no pipeline.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
@@ -17,7 +18,9 @@ from service.dicom.uids import is_valid_uid
 from service.scp.server import build_ae
 
 
-def start_folder_scp(ae_title: str, host: str, port: int, folder: Path) -> ThreadedAssociationServer:
+def start_folder_scp(
+    ae_title: str, host: str, port: int, folder: Path
+) -> ThreadedAssociationServer:
     """Start a C-STORE SCP on ``host:port`` that writes ``<folder>/<SOP Instance UID>.dcm``.
 
     Raises
@@ -28,7 +31,8 @@ def start_folder_scp(ae_title: str, host: str, port: int, folder: Path) -> Threa
     folder.mkdir(parents=True, exist_ok=True)
 
     def handle_store(event: evt.Event) -> int:
-        uid = str(event.request.AffectedSOPInstanceUID)
+        request: Any = event.request  # a C_STORE primitive
+        uid = str(request.AffectedSOPInstanceUID)
         if not is_valid_uid(uid):
             return 0xC000
         write_durably(folder / f"{uid}.dcm", event.encoded_dataset(include_meta=True))

@@ -78,7 +78,7 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
         when it cannot be written or recorded.
     """
     calling_ae = str(event.assoc.requestor.ae_title).strip()
-    request = event.request
+    request: Any = event.request  # a C_STORE primitive for EVT_C_STORE
     try:
         sop_instance_uid = require_uid(request.AffectedSOPInstanceUID, "SOP Instance UID")
         sop_class_uid = require_uid(request.AffectedSOPClassUID, "SOP Class UID")

@@ -52,6 +52,7 @@ def build_ae(settings: DicomSettings) -> AE:
     ae.network_timeout = settings.network_timeout_s
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
     return ae
 

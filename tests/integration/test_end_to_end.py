@@ -107,7 +107,8 @@ def test_scanner_to_pacs(real_ct_dir: Path, node: Peer, storescp_pacs: Peer) -> 
     for frame in seg.PerFrameFunctionalGroupsSequence:
         position = tuple(round(float(v), 3)
                          for v in frame.PlanePositionSequence[0].ImagePositionPatient)
-        source_uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        source_uid = source.ReferencedSOPInstanceUID
         assert source_positions[position] == source_uid
     assert (seg.Rows, seg.Columns) == (first.Rows, first.Columns)
 
@@ -128,7 +129,7 @@ def test_scanner_to_pacs(real_ct_dir: Path, node: Peer, storescp_pacs: Peer) -> 
         volume = next(m for m in group.get_measurements() if m.name == codes.SCT.Volume)
         assert float(volume.value) == pytest.approx(counts[index] * voxel_ml, rel=1e-4)
         assert group.referenced_segment is not None
-        reference = group.referenced_segment.ReferencedSOPSequence[0]
+        reference = group.referenced_segment[0].ReferencedSOPSequence[0]
         assert reference.ReferencedSOPInstanceUID == seg.SOPInstanceUID
         assert int(reference.ReferencedSegmentNumber) == index + 1
 
@@ -140,3 +141,11 @@ def test_scanner_to_pacs(real_ct_dir: Path, node: Peer, storescp_pacs: Peer) -> 
     assert jobs == [("succeeded", 1)]
     series = db.execute("select instance_count, completion_reason from series").fetchall()
     assert series == [(134, "quiet_period")]
+
+    # No patient identifier of the real data reached the node's or worker's log.
+    identifiers = {str(first.PatientName), str(first.PatientID)} - {""}
+    assert identifiers, "the real CT carries a Patient's Name and Patient ID"
+    log_text = node.log.read_text(errors="replace")
+    assert "job 1 succeeded" in log_text
+    for identifier in identifiers:
+        assert identifier not in log_text

@@ -44,7 +44,7 @@ class SegmentSpec:
     label : str
         Segment Label (0062,0005), short and human readable.
     category : Code
-        Segmented Property Category Code (0062,0003), e.g. SCT 123037004
+        Segmented Property Category Code (0062,0003), e.g. SCT 91723000
         "Anatomical Structure" (DICOM PS3.16 CID 7150).
     type : Code
         Segmented Property Type Code (0062,000F), e.g. SCT 39607008 "Lung"

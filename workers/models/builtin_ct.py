@@ -13,7 +13,7 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-import torch  # noqa: TID251 - workers/ may import torch, service/ may not
+import torch
 from scipy import ndimage
 
 from workers.inference.base import Code, SegmentSpec, Volume
@@ -27,8 +27,10 @@ _ANATOMICAL_STRUCTURE: Final = Code("91723000", "SCT", "Anatomical Structure")
 
 #: Body: voxels above this value (HU) are tissue rather than air.
 BODY_HU: Final = -500.0
-#: Body: radius (mm) of the opening that detaches the table and blankets.
-BODY_OPENING_MM: Final = 5.0
+#: Body: radius (mm) of the opening that detaches the table and blankets. Tissue
+#: thinner than about twice this is cut too: a chest wall thinner than ~7 mm
+#: would let the lung leak to the outside air.
+BODY_OPENING_MM: Final = 3.0
 #: Lungs: voxels below this value (HU) inside the body are air.
 AIR_HU: Final = -400.0
 #: Lungs: voxels below this value (HU) are "pure" gas (bowel, stomach, outside).
@@ -58,7 +60,8 @@ BONE_MIN_ML: Final = 0.5
 
 def _kernel(radius_mm: float, spacing: tuple[float, float, float]) -> Kernel:
     """Odd box size per axis covering ``radius_mm`` on each side of the centre."""
-    return tuple(2 * int(math.floor(radius_mm / s + 0.5)) + 1 for s in spacing)  # type: ignore[return-value]
+    kz, ky, kx = (2 * int(math.floor(radius_mm / s + 0.5)) + 1 for s in spacing)
+    return kz, ky, kx
 
 
 def _window(mask: torch.Tensor, axis: int, size: int, dilate: bool) -> torch.Tensor:
@@ -163,9 +166,11 @@ class BuiltinCTModel:
     The input must be in HU (``Volume.array`` of a CT series). Steps:
 
     body
-        ``HU > -500``, opened with a box of radius 5 mm (detaches the table
-        and thin blankets), largest 6-connected component, holes filled
-        slice by slice.
+        ``HU > -500``, opened with a box of radius 3 mm (detaches the table
+        and thin blankets), largest 6-connected component (so arms lying
+        apart from the trunk are left out), holes filled slice by slice.
+        The 3 mm box stays well under the body wall's thickness, so holes
+        such as the lungs stay closed.
     lungs
         ``HU < -400`` inside the body (so outside air is excluded by
         construction); 6-connected components of at least 20 mL whose
@@ -177,6 +182,11 @@ class BuiltinCTModel:
         height; stomach and colon gas lie below the lung bases' upper half).
         In-plane holes up to 500 mm^2 (vessels) are then filled. Airways
         connected to the lungs (trachea, main bronchi) are included.
+        Known limits: lungs with more than half their voxels below -950 HU
+        (severe emphysema) are rejected; lung components under 20 mL (thin
+        slivers of lung base at the top of an abdominal scan) are dropped;
+        "superior" is LPS +z from ``Volume.affine``, so the rule holds for
+        any slice order.
     bone
         ``HU > 200`` inside the body; 6-connected components of at least
         0.5 mL with at least 5 % of their voxels above 500 HU (cortical
@@ -265,9 +275,10 @@ class BuiltinCTModel:
         if count == 0:
             return air
         flat = labels[air]
-        volume_ml = np.bincount(flat, minlength=count + 1) * voxel_ml
+        voxels = np.bincount(flat, minlength=count + 1)
+        volume_ml = voxels * voxel_ml
         pure = np.bincount(flat, weights=hu[air] < PURE_GAS_HU, minlength=count + 1)
-        pure_fraction = pure / np.maximum(volume_ml / voxel_ml, 1.0)
+        pure_fraction = pure / np.maximum(voxels, 1)
         candidate = (volume_ml >= LUNG_MIN_ML) & (pure_fraction <= MAX_PURE_GAS_FRACTION)
         candidate[0] = False
         if not candidate.any():
@@ -279,7 +290,8 @@ class BuiltinCTModel:
         z_high = np.full(count + 1, -np.inf)
         for index in np.flatnonzero(candidate):
             box = boxes[index - 1]
-            assert box is not None
+            if box is None:
+                continue
             corners = np.array(
                 [[s.start, s.stop - 1] for s in box], dtype=np.float64
             )  # (axis, low/high)

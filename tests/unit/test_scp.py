@@ -1,0 +1,267 @@
+"""The node's SCP in-process, driven by a real pynetdicom SCU on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import DicomSettings
+from service.db import migrate
+from service.db.models import Instance, Series
+from service.db.session import make_engine, make_session_factory
+from service.scp.handlers import StoreContext
+from service.scp.server import start_scp
+from tests.unit.dicom_factory import make_ct_dataset
+
+SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+SECRET_NAME = "SECRET^PATIENT"
+SECRET_ID = "ID-SECRET-123"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Node:
+    port: int
+    root: Path
+    spool: Path
+    db_dir: Path
+    engine: Engine
+    session_factory: sessionmaker[Session]
+
+    def instances(self) -> list[Instance]:
+        with self.session_factory() as session:
+            return list(session.scalars(select(Instance).order_by(Instance.id)))
+
+    def series(self) -> list[Series]:
+        with self.session_factory() as session:
+            return list(session.scalars(select(Series).order_by(Series.id)))
+
+    def stray_files(self) -> list[Path]:
+        """Files under the test root that are neither in the spool nor the database folder."""
+        return [
+            p for p in self.root.rglob("*")
+            if p.is_file() and not p.is_relative_to(self.spool)
+            and not p.is_relative_to(self.db_dir)
+        ]
+
+    def spool_files(self) -> list[Path]:
+        return sorted(p for p in self.spool.rglob("*") if p.is_file()) if self.spool.exists() \
+            else []
+
+
+@pytest.fixture
+def node(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Node]:
+    caplog.set_level(logging.DEBUG)  # capture everything, from before the SCP starts
+    db_dir = tmp_path / "db"
+    url = f"sqlite:///{db_dir / 'radnode.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    # Two levels deep, so that "../../evil" would land inside tmp_path where we can see it.
+    spool = tmp_path / "node" / "spool"
+    port = free_port()
+    server = start_scp(
+        DicomSettings(ae_title="RADNODE", host="127.0.0.1", port=port,
+                      acse_timeout_s=10, dimse_timeout_s=10, network_timeout_s=10),
+        StoreContext(spool, factory),
+    )
+    try:
+        yield Node(port, tmp_path, spool, db_dir, engine, factory)
+    finally:
+        server.shutdown()
+        engine.dispose()
+
+
+def _scu() -> AE:
+    ae = AE(ae_title="TESTSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    for syntax in SYNTAXES:  # one context per syntax, so each can be chosen
+        ae.add_requested_context(CTImageStorage, syntax)
+    ae.add_requested_context(Verification)
+    return ae
+
+
+def send(port: int, datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Send the datasets on one association; return the status datasets."""
+    assoc = _scu().associate("127.0.0.1", port, ae_title="RADNODE")
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(ds) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def status_of(rsp: Dataset) -> int:
+    assert "Status" in rsp, "no C-STORE response"
+    return int(rsp.Status)
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES, ids=lambda s: s.name)
+def test_store_valid_instance(node: Node, syntax: Any) -> None:
+    ds = make_ct_dataset(rows=32, columns=24)
+    ds.file_meta.TransferSyntaxUID = syntax
+    (rsp,) = send(node.port, [ds])
+    assert status_of(rsp) == 0x0000
+
+    target = node.spool / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert target.is_file()
+    assert node.spool_files() == [target]
+    stored = dcmread(target)
+    assert stored.SOPInstanceUID == ds.SOPInstanceUID
+    assert stored.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert stored.file_meta.TransferSyntaxUID == syntax
+    assert stored.PixelData == ds.PixelData
+    assert (stored.Rows, stored.Columns) == (32, 24)
+    assert node.stray_files() == []
+
+    (instance,) = node.instances()
+    assert instance.sop_instance_uid == ds.SOPInstanceUID
+    assert instance.sop_class_uid == CTImageStorage
+    assert instance.transfer_syntax_uid == syntax
+    assert instance.path == f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+    assert instance.size_bytes == target.stat().st_size
+    assert instance.calling_ae_title == "TESTSCU"
+    assert instance.duplicates == 0
+    (series,) = node.series()
+    assert series.series_instance_uid == ds.SeriesInstanceUID
+    assert series.study_instance_uid == ds.StudyInstanceUID
+    assert series.instance_count == 1
+    assert series.modality == "CT"
+    assert series.state == "receiving"
+    assert instance.series_id == series.id
+
+
+def test_duplicate_sop_instance_keeps_first_copy(node: Node) -> None:
+    first = make_ct_dataset(seed=1)
+    again = make_ct_dataset(study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID,
+                            sop_uid=first.SOPInstanceUID, seed=2)
+    assert again.PixelData != first.PixelData
+    assert [status_of(r) for r in send(node.port, [first])] == [0x0000]
+    assert [status_of(r) for r in send(node.port, [again])] == [0x0000]
+
+    (instance,) = node.instances()
+    assert instance.duplicates == 1
+    (series,) = node.series()
+    assert series.instance_count == 1
+    (path,) = node.spool_files()
+    assert dcmread(path).PixelData == first.PixelData
+
+
+def _with_uid(attribute: str, value: str) -> Dataset:
+    ds = make_ct_dataset()
+    setattr(ds, attribute, value)
+    if attribute == "SOPInstanceUID":
+        ds.file_meta.MediaStorageSOPInstanceUID = value
+    return ds
+
+
+def _assert_refused(node: Node, rsp: Dataset, bad: str | None) -> None:
+    assert status_of(rsp) == 0xC000
+    assert "ErrorComment" in rsp
+    assert bad is None or bad not in str(rsp.ErrorComment)
+    assert node.instances() == []
+    assert node.series() == []
+    assert node.spool_files() == []
+    assert node.stray_files() == []
+    assert not (node.root / "evil").exists()
+    assert not any("evil" in p.name for p in node.root.parent.iterdir())
+
+
+@pytest.mark.parametrize("attribute", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
+def test_path_traversal_uid_is_refused_and_node_keeps_running(
+    node: Node, attribute: str
+) -> None:
+    bad = "../../evil"
+    refused, after = send(node.port, [_with_uid(attribute, bad), make_ct_dataset()])
+    _assert_refused_then_ok(node, refused, after, bad)
+
+
+def _assert_refused_then_ok(node: Node, refused: Dataset, after: Dataset, bad: str) -> None:
+    assert status_of(refused) == 0xC000
+    assert "ErrorComment" in refused
+    assert bad not in str(refused.ErrorComment)
+    assert not (node.root / "evil").exists()
+    assert not any("evil" in str(p) for p in node.root.rglob("*"))
+    assert node.stray_files() == []
+    # (f) the same association and a new one still store valid instances.
+    assert status_of(after) == 0x0000
+    (late,) = send(node.port, [make_ct_dataset()])
+    assert status_of(late) == 0x0000
+    assert len(node.instances()) == 2
+    assert len(node.spool_files()) == 2
+    assert all(bad not in i.path for i in node.instances())
+
+
+def test_series_uid_longer_than_64_is_refused(node: Node) -> None:
+    long_uid = "1.2." + "3" * 70
+    (rsp,) = send(node.port, [_with_uid("SeriesInstanceUID", long_uid)])
+    _assert_refused(node, rsp, long_uid)
+
+
+@pytest.mark.parametrize("attribute", ["StudyInstanceUID", "SeriesInstanceUID"])
+def test_missing_uid_is_refused(node: Node, attribute: str) -> None:
+    ds = make_ct_dataset()
+    delattr(ds, attribute)
+    (rsp,) = send(node.port, [ds])
+    _assert_refused(node, rsp, None)
+
+
+def test_refused_uid_with_leading_zero(node: Node) -> None:
+    bad = "1.2.03.4"
+    (rsp,) = send(node.port, [_with_uid("StudyInstanceUID", bad)])
+    _assert_refused(node, rsp, bad)
+
+
+def test_echo(node: Node) -> None:
+    assoc = _scu().associate("127.0.0.1", node.port, ae_title="RADNODE")
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    assert int(rsp.Status) == 0x0000
+
+
+def test_no_patient_data_in_logs(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    good = make_ct_dataset(patient_name=SECRET_NAME, patient_id=SECRET_ID)
+    bad = make_ct_dataset(patient_name=SECRET_NAME, patient_id=SECRET_ID)
+    bad.StudyInstanceUID = "../../evil"
+    statuses = [status_of(r) for r in send(node.port, [good, bad, good])]
+    assert statuses == [0x0000, 0xC000, 0x0000]
+    (instance,) = node.instances()
+    assert instance.duplicates == 1
+
+    assert caplog.records, "nothing was logged at all: the capture is not working"
+    # The node's own loggers did log (store, refusal, duplicate)...
+    assert any(r.name.startswith("radnode") for r in caplog.records)
+    # ...and nothing anywhere carried the patient's name or ID.
+    for record in caplog.records:
+        text = record.getMessage() + (record.exc_text or "")
+        assert SECRET_NAME not in text, record.name
+        assert SECRET_ID not in text, record.name
+        assert "SECRET" not in text, record.name
+    assert "SECRET" not in caplog.text
+

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.uid import UID, generate_uid
+
+from service.dicom import spool
+from service.dicom.uids import is_valid_uid, require_uid
+from service.errors import InvalidInstanceError
+
+GOOD_UIDS = [
+    "1.2.840.10008.5.1.4.1.1.2",
+    "0",
+    "1.0.2",
+    "2.25.329800735698586629295641978511506172918",
+    "1." + "2" * 62,  # exactly 64 characters
+]
+
+
+@pytest.mark.parametrize("uid", GOOD_UIDS)
+def test_require_uid_accepts_valid(uid: str) -> None:
+    assert len(uid) <= 64
+    assert require_uid(uid, "SOP Instance UID") == uid
+    assert is_valid_uid(uid)
+
+
+def test_require_uid_accepts_pydicom_uid_and_strips_padding() -> None:
+    uid = generate_uid()
+    assert require_uid(UID(uid), "Series Instance UID") == uid
+    # UI values are padded with NUL to an even length on the wire.
+    assert require_uid(uid + "\x00", "Series Instance UID") == uid
+    assert isinstance(require_uid(UID(uid), "x"), str)
+
+
+BAD_UIDS = [
+    "../../x",
+    "1.2.03",            # leading zero in a component
+    "1." + "2" * 63,     # 65 characters
+    "1.2.",              # empty last component
+    ".1.2",
+    "1..2",
+    "1.2.abc",
+    "1.2/3",
+    "1.2 .3",
+    "SECRET^PATIENT",
+]
+
+
+@pytest.mark.parametrize("value", BAD_UIDS)
+def test_require_uid_rejects_invalid_without_echoing(value: str) -> None:
+    with pytest.raises(InvalidInstanceError) as info:
+        require_uid(value, "Study Instance UID")
+    assert info.value.status == 0xC000
+    message = str(info.value)
+    assert "Study Instance UID" in message
+    assert value not in message
+    assert not is_valid_uid(value)
+
+
+@pytest.mark.parametrize("value", ["", None])
+def test_require_uid_rejects_missing(value: object) -> None:
+    with pytest.raises(InvalidInstanceError, match="missing") as info:
+        require_uid(value, "SOP Instance UID")
+    assert info.value.status == 0xC000
+
+
+def test_is_valid_uid_rejects_non_strings() -> None:
+    assert not is_valid_uid(123)
+    assert not is_valid_uid(b"1.2.3")
+    assert not is_valid_uid(None)
+
+
+def _temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.startswith(".incoming-")]
+
+
+def test_relative_path_layout() -> None:
+    assert spool.relative_path("1.2", "1.2.3", "1.2.3.4") == "1.2/1.2.3/1.2.3.4.dcm"
+
+
+def test_write_durably_writes_content(tmp_path: Path) -> None:
+    target = tmp_path / "spool" / "1.2" / "1.2.3" / "1.2.3.4.dcm"
+    data = bytes(range(256)) * 41
+    written = spool.write_durably(target, data)
+    assert written == len(data)
+    assert target.read_bytes() == data
+    assert _temp_files(tmp_path) == []
+    assert sorted(p.name for p in target.parent.iterdir()) == ["1.2.3.4.dcm"]
+
+
+def test_write_durably_replaces_existing_file(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b.dcm"
+    spool.write_durably(target, b"first version, longer than the second")
+    spool.write_durably(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert _temp_files(tmp_path) == []
+
+
+def test_write_durably_failure_leaves_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "spool" / "1.2" / "1.2.3.dcm"
+    target.mkdir(parents=True)  # a directory where the file should go
+    (target / "keep").write_bytes(b"x")
+    with pytest.raises(OSError):
+        spool.write_durably(target, b"data")
+    assert _temp_files(tmp_path) == []
+    assert sorted(p.name for p in target.parent.iterdir()) == ["1.2.3.dcm"]
+    assert target.is_dir()
+    assert (target / "keep").read_bytes() == b"x"
+
+
+def test_write_durably_failure_when_parent_is_a_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "spool"
+    blocker.write_bytes(b"not a folder")
+    with pytest.raises(OSError):
+        spool.write_durably(blocker / "1.2" / "1.2.3.dcm", b"data")
+    assert blocker.read_bytes() == b"not a folder"
+    assert _temp_files(tmp_path) == []
