@@ -185,16 +185,21 @@ def config_check(config_file: Path | None) -> None:
               help="Series to send [the real CT in ../shared/data, else a phantom].")
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
               default=Path("radnode-demo"), show_default=True)
+@click.option("--phantom", is_flag=True, help="Send the synthetic CT phantom even if the real "
+              "CT is there.")
 @click.option("--quiet-period", type=float, default=2.0, show_default=True)
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Seconds to wait for the results.")
-def demo(input_dir: Path | None, data_dir: Path, quiet_period: float, timeout: float) -> None:
+def demo(input_dir: Path | None, data_dir: Path, phantom: bool, quiet_period: float,
+         timeout: float) -> None:
     """Run the whole path on this machine: node, worker, a PACS, a CT series."""
     from service.demo import run_demo
 
+    if phantom and input_dir is not None:
+        raise click.UsageError("--phantom and --input exclude each other")
     configure("WARNING")
     sys.exit(run_demo(input_dir=input_dir, data_dir=data_dir, quiet_period_s=quiet_period,
-                      timeout_s=timeout))
+                      timeout_s=timeout, phantom=phantom))
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ class Destination(_Section):
             raise ConfigError(f"{text!r}: {exc}") from exc
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
 
 
 class DicomSettings(_Section):

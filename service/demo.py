@@ -92,7 +92,8 @@ def sr_findings(sr: Dataset) -> list[dict[str, Any]]:
 
 
 def run_demo(*, input_dir: Path | None, data_dir: Path, quiet_period_s: float,
-             timeout_s: float, report: dict[str, float] | None = None) -> int:
+             timeout_s: float, report: dict[str, float] | None = None,
+             phantom: bool = False) -> int:
     """Run the demo; return the exit status (0 only if SEG and SR reached the PACS).
 
     Parameters
@@ -107,6 +108,8 @@ def run_demo(*, input_dir: Path | None, data_dir: Path, quiet_period_s: float,
         Longest wait for SEG and SR after the last slice was sent, seconds.
     report : dict, optional
         Filled with :func:`hop_timings` (seconds) when the results arrived.
+    phantom : bool
+        Send the synthetic CT phantom whatever data is available.
     """
     console = Console()
     if data_dir.exists():
@@ -115,7 +118,7 @@ def run_demo(*, input_dir: Path | None, data_dir: Path, quiet_period_s: float,
     data_dir = data_dir.resolve()
 
     if input_dir is None:
-        shared = shared_data_dir()
+        shared = None if phantom else shared_data_dir()
         if shared is not None and (shared / REAL_CT).is_dir():
             input_dir = shared / REAL_CT
         else:
@@ -123,7 +126,8 @@ def run_demo(*, input_dir: Path | None, data_dir: Path, quiet_period_s: float,
 
             input_dir = data_dir / "phantom"
             write_ct_phantom(input_dir)
-            console.print("[yellow]real CT not found: using a synthetic CT phantom[/]")
+            if not phantom:
+                console.print("[yellow]real CT not found: using a synthetic CT phantom[/]")
     files = find_dicom_files([input_dir])
     console.print(f"input: {input_dir} ({len(files)} files)")
 

@@ -21,17 +21,19 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from service.config import Destination
+from service.dicom.net import set_tcp_nodelay
 
 log = logging.getLogger("radnode.scu")
 
 #: pynetdicom proposes at most 128 presentation contexts per association (PS3.8 9.3.2.2).
 MAX_CONTEXTS = 128
 LITTLE_ENDIAN = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+_HANDLERS = [(evt.EVT_CONN_OPEN, set_tcp_nodelay)]
 
 
 @dataclass
@@ -96,7 +98,8 @@ def echo(
     """
     ae = _make_ae(calling_ae, timeout_s, timeout_s)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         evt_handlers=_HANDLERS)
     if not assoc.is_established:
         return None
     try:
@@ -164,7 +167,8 @@ class _Sender:
     def ensure(self) -> Association:
         if self.assoc is None or not self.assoc.is_established:
             self.assoc = self.ae.associate(
-                self.destination.host, self.destination.port, ae_title=self.destination.ae_title
+                self.destination.host, self.destination.port,
+                ae_title=self.destination.ae_title, evt_handlers=_HANDLERS,
             )
         if not self.assoc.is_established:
             raise ConnectionError(
@@ -220,20 +224,22 @@ def store_files(
         an error; so does every remaining file when the destination refuses
         the association.
     """
-    outcomes: list[StoreOutcome] = []
+    by_index: dict[int, StoreOutcome] = {}
     infos: list[_FileInfo] = []
+    index_of: dict[int, int] = {}  # id(info) -> position in paths
 
-    def report(outcome: StoreOutcome) -> None:
-        outcomes.append(outcome)
+    def report(position: int, outcome: StoreOutcome) -> None:
+        by_index[position] = outcome
         if on_progress is not None:
             on_progress(outcome)
 
-    for path in paths:
+    for position, path in enumerate(paths):
         info = _read_info(path)
         if isinstance(info, str):
-            report(StoreOutcome(path, "", None, info))
+            report(position, StoreOutcome(path, "", None, info))
         else:
             infos.append(info)
+            index_of[id(info)] = position
 
     # Several associations if the files need more than 128 presentation contexts.
     batches: list[list[_FileInfo]] = []
@@ -254,15 +260,16 @@ def store_files(
         try:
             for index, info in enumerate(batch):
                 try:
-                    report(_store_one(sender, info, resend_attempts))
+                    report(index_of[id(info)], _store_one(sender, info, resend_attempts))
                 except ConnectionError as exc:
                     # The destination refuses or is down: do not hammer it per file.
                     for rest in batch[index:]:
-                        report(StoreOutcome(rest.path, rest.sop_instance_uid, None, str(exc)))
+                        report(index_of[id(rest)],
+                               StoreOutcome(rest.path, rest.sop_instance_uid, None, str(exc)))
                     break
         finally:
             sender.release()
-    return outcomes
+    return [by_index[position] for position in range(len(paths))]
 
 
 def _store_one(sender: _Sender, info: _FileInfo, resend_attempts: int) -> StoreOutcome:

@@ -13,6 +13,7 @@ from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import DicomSettings
+from service.dicom.net import set_tcp_nodelay
 from service.dicom.spool import write_durably
 from service.dicom.uids import is_valid_uid
 from service.scp.server import build_ae
@@ -40,6 +41,7 @@ def start_folder_scp(
 
     ae = build_ae(DicomSettings(ae_title=ae_title, host=host, port=port))
     server = ae.start_server((host, port), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+                             evt_handlers=[(evt.EVT_C_STORE, handle_store),
+                                           (evt.EVT_CONN_OPEN, set_tcp_nodelay)])
     assert server is not None
     return server

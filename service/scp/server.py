@@ -11,6 +11,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import DicomSettings
+from service.dicom.net import set_tcp_nodelay
 from service.scp.handlers import StoreContext, handle_echo, handle_store
 
 log = logging.getLogger("radnode.scp")
@@ -72,6 +73,7 @@ def start_scp(settings: DicomSettings, context: StoreContext) -> ThreadedAssocia
     """
     ae = build_ae(settings)
     handlers: list[Any] = [
+        (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
         (evt.EVT_ACCEPTED, _on_accepted),

@@ -239,3 +239,15 @@ def test_destination_parse_good(text: str, expected: tuple[str, str, int]) -> No
 def test_destination_parse_bad(text: str) -> None:
     with pytest.raises(ConfigError):
         Destination.parse(text)
+
+
+@pytest.mark.parametrize("text", ["PACS@10.0.0.5:104", "MY AE@pacs.example.org:4242"])
+def test_destination_str_round_trips(text: str) -> None:
+    # Jobs store str(destination); delivery parses it back (service/scheduler.py).
+    dest = Destination.parse(text)
+    assert Destination.parse(str(dest)) == dest
+
+
+def test_destination_str_round_trips_ipv6() -> None:
+    dest = Destination.parse("V6@[::1]:11112")
+    assert Destination.parse(str(dest)) == dest

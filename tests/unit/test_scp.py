@@ -31,6 +31,12 @@ from service.scp.handlers import StoreContext
 from service.scp.server import start_scp
 from tests.unit.dicom_factory import make_ct_dataset
 
+# The refused data sets carry invalid UIDs on purpose; pydicom warns when encoding them.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning"),
+    pytest.mark.filterwarnings("ignore:The value length .* for VR UI:UserWarning"),
+]
+
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
 SECRET_NAME = "SECRET^PATIENT"
 SECRET_ID = "ID-SECRET-123"

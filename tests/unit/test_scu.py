@@ -167,11 +167,6 @@ def test_outcomes_follow_input_order_with_a_non_dicom_file(
     assert len(scp.received) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/dicom/scu.py store_files: unreadable files are reported before all "
-    "others, so outcomes are not 'one per path, in order' as the docstring promises",
-)
 def test_outcomes_are_in_input_order(peer: tuple[PeerSCP, Destination], tmp_path: Path) -> None:
     _, destination = peer
     good1, good2 = _files(tmp_path, 2)

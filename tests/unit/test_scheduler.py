@@ -1,0 +1,242 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import scheduler
+from service.config import Settings, load_settings
+from service.db import migrate, repository
+from service.db.models import Job, Series
+from service.db.session import as_utc, make_engine, make_session_factory
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+DESTINATIONS = ["PACS@10.0.0.5:104", "ARCHIVE@10.0.0.6:11112"]
+
+
+@pytest.fixture
+def session_factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    url = f"sqlite:///{tmp_path / 'radnode.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
+    for name in list(os.environ):
+        if name.upper().startswith("RADNODE_"):
+            monkeypatch.delenv(name)
+    return load_settings(data_dir=tmp_path, destinations=DESTINATIONS)
+
+
+class Clock:
+    """The scheduler's notion of "now", set by the test."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def at(self, seconds: float) -> None:
+        self.now = T0 + timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock(T0)
+    monkeypatch.setattr(scheduler, "utcnow", fake)
+    return fake
+
+
+def record(factory: sessionmaker[Session], *, series_uid: str, modality: str,
+           at: datetime, study_uid: str = "1.2.3", sop_uid: str | None = None) -> bool:
+    sop = sop_uid or generate_uid()
+    with factory() as session:
+        new = repository.record_instance(
+            session=session, study_instance_uid=study_uid, series_instance_uid=series_uid,
+            sop_instance_uid=sop,
+            sop_class_uid=CTImageStorage if modality == "CT" else MRImageStorage,
+            transfer_syntax_uid=ExplicitVRLittleEndian, modality=modality,
+            path=f"{study_uid}/{series_uid}/{sop}.dcm", size_bytes=1000,
+            calling_ae_title="MODALITY", received_at=at,
+        )
+        session.commit()
+    return new
+
+
+@pytest.fixture
+def two_series(session_factory: sessionmaker[Session]) -> tuple[str, str]:
+    ct, mr = generate_uid(), generate_uid()
+    for _ in range(3):
+        assert record(session_factory, series_uid=ct, modality="CT", at=T0)
+    assert record(session_factory, series_uid=mr, modality="MR", at=T0)
+    return ct, mr
+
+
+def _series(factory: sessionmaker[Session], uid: str) -> Series:
+    with factory() as session:
+        found = repository.series_by_uid(uid, session=session)
+        assert found is not None
+        return found
+
+
+def _jobs(factory: sessionmaker[Session]) -> list[Job]:
+    with factory() as session:
+        return list(session.scalars(select(Job).order_by(Job.id)))
+
+
+def test_record_instance_counts_and_duplicates(
+    session_factory: sessionmaker[Session], two_series: tuple[str, str]
+) -> None:
+    ct, mr = two_series
+    assert _series(session_factory, ct).instance_count == 3
+    assert _series(session_factory, mr).instance_count == 1
+    sop = generate_uid()
+    assert record(session_factory, series_uid=mr, modality="MR", at=T0, sop_uid=sop)
+    assert not record(session_factory, series_uid=mr, modality="MR", at=T0, sop_uid=sop)
+    assert _series(session_factory, mr).instance_count == 2
+
+
+def test_complete_quiet_series_with_explicit_now(
+    session_factory: sessionmaker[Session], two_series: tuple[str, str]
+) -> None:
+    ct, mr = two_series
+    with session_factory() as session:
+        early = repository.complete_quiet_series(
+            session=session, now=T0 + timedelta(seconds=1), quiet_period_s=5.0)
+        session.commit()
+    assert early == []
+    assert _series(session_factory, ct).state == "receiving"
+    assert _series(session_factory, mr).state == "receiving"
+
+    later = T0 + timedelta(seconds=6)
+    with session_factory() as session:
+        done = repository.complete_quiet_series(session=session, now=later, quiet_period_s=5.0)
+        session.commit()
+    assert sorted(s.series_instance_uid for s in done) == sorted([ct, mr])
+    for uid in (ct, mr):
+        series = _series(session_factory, uid)
+        assert series.state == "complete"
+        assert series.completion_reason == "quiet_period"
+        assert series.completed_at is not None and as_utc(series.completed_at) == later
+
+
+def test_complete_and_route_creates_ct_job_only(
+    session_factory: sessionmaker[Session], two_series: tuple[str, str], settings: Settings,
+    clock: Clock,
+) -> None:
+    ct, mr = two_series
+    clock.at(1)
+    assert scheduler.complete_and_route(settings, session_factory) == 0
+    assert _jobs(session_factory) == []
+    assert _series(session_factory, ct).state == "receiving"
+
+    clock.at(6)
+    assert scheduler.complete_and_route(settings, session_factory) == 1
+    assert _series(session_factory, ct).state == "complete"
+    assert _series(session_factory, mr).state == "complete"
+    (job,) = _jobs(session_factory)
+    assert job.series_id == _series(session_factory, ct).id
+    assert job.task_name == "radnode.analyse_series"
+    assert job.model_name == "radnode-builtin-ct"
+    assert job.queue == "gpu"
+    assert job.state == "pending"
+    assert job.destinations == DESTINATIONS
+    assert job.attempts == 0
+    assert as_utc(job.created_at) == T0 + timedelta(seconds=6)
+    assert job.queued_at is None
+
+    clock.at(7)  # nothing new: no second job
+    assert scheduler.complete_and_route(settings, session_factory) == 0
+    assert len(_jobs(session_factory)) == 1
+
+
+def test_late_instance_reopens_and_reroutes_series(
+    session_factory: sessionmaker[Session], two_series: tuple[str, str], settings: Settings,
+    clock: Clock,
+) -> None:
+    ct, mr = two_series
+    clock.at(6)
+    assert scheduler.complete_and_route(settings, session_factory) == 1
+
+    assert record(session_factory, series_uid=ct, modality="CT", at=T0 + timedelta(seconds=8))
+    series = _series(session_factory, ct)
+    assert series.state == "receiving"
+    assert series.instance_count == 4
+    assert as_utc(series.last_received_at) == T0 + timedelta(seconds=8)
+    assert _series(session_factory, mr).state == "complete"
+
+    clock.at(10)  # only 2 s after the late instance
+    assert scheduler.complete_and_route(settings, session_factory) == 0
+    clock.at(14)
+    assert scheduler.complete_and_route(settings, session_factory) == 1
+    jobs = _jobs(session_factory)
+    assert [j.series_id for j in jobs] == [series.id, series.id]
+    assert _series(session_factory, ct).state == "complete"
+
+
+class FakeCelery:
+    """Records send_task calls like Celery's app.send_task; may fail like a dead broker."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[tuple[str, Any, Any]] = []
+
+    def send_task(self, name: str, args: Any = None, queue: Any = None, **_: Any) -> None:
+        self.calls.append((name, args, queue))
+        if self.fail:
+            raise ConnectionError("broker unreachable")
+
+
+def _routed_jobs(factory: sessionmaker[Session], settings: Settings, clock: Clock,
+                 count: int) -> list[Job]:
+    for _ in range(count):
+        record(factory, series_uid=generate_uid(), modality="CT", at=T0)
+    clock.at(6)
+    assert scheduler.complete_and_route(settings, factory) == count
+    return _jobs(factory)
+
+
+def test_publish_pending_queues_jobs(
+    session_factory: sessionmaker[Session], settings: Settings, clock: Clock
+) -> None:
+    (job,) = _routed_jobs(session_factory, settings, clock, 1)
+    app = FakeCelery()
+    clock.at(9)
+    assert scheduler.publish_pending(app, session_factory) == 1  # type: ignore[arg-type]
+    assert app.calls == [("radnode.analyse_series", [job.id], "gpu")]
+    (queued,) = _jobs(session_factory)
+    assert queued.state == "queued"
+    assert queued.queued_at is not None and as_utc(queued.queued_at) == T0 + timedelta(seconds=9)
+
+    # Nothing pending any more: nothing is sent again.
+    assert scheduler.publish_pending(app, session_factory) == 0  # type: ignore[arg-type]
+    assert len(app.calls) == 1
+
+
+def test_publish_failure_keeps_jobs_pending(
+    session_factory: sessionmaker[Session], settings: Settings, clock: Clock
+) -> None:
+    jobs = _routed_jobs(session_factory, settings, clock, 2)
+    broken = FakeCelery(fail=True)
+    assert scheduler.publish_pending(broken, session_factory) == 0  # type: ignore[arg-type]
+    assert [j.state for j in _jobs(session_factory)] == ["pending", "pending"]
+    assert all(j.queued_at is None for j in _jobs(session_factory))
+    assert len(broken.calls) == 1  # stops at the first failure; retried next tick
+
+    app = FakeCelery()
+    assert scheduler.publish_pending(app, session_factory) == 2  # type: ignore[arg-type]
+    assert app.calls == [("radnode.analyse_series", [j.id], "gpu") for j in jobs]
+    assert [j.state for j in _jobs(session_factory)] == ["queued", "queued"]
