@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -33,7 +34,7 @@ log = logging.getLogger("radnode.scu")
 #: pynetdicom proposes at most 128 presentation contexts per association (PS3.8 9.3.2.2).
 MAX_CONTEXTS = 128
 LITTLE_ENDIAN = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
-_HANDLERS = [(evt.EVT_CONN_OPEN, set_tcp_nodelay)]
+_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, set_tcp_nodelay)]
 
 
 @dataclass
