@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import socket
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_process_init
 
 from service.config import Settings
 from service.queue import ANALYSE_SERIES, make_celery
@@ -20,6 +22,21 @@ def create_worker_app(settings: Settings) -> Celery:
     (never in the parent before fork) and stay warm for the next job.
     """
     app = make_celery(settings)
+
+    @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _warm_up(**_kwargs: Any) -> None:
+        # In the pool's child process, after fork (the parent never touches
+        # torch or CUDA): import the analysis code and load the configured
+        # models now, so that the first series does not wait for them.
+        from workers.models.registry import FACTORIES, get_model
+        from workers.tasks import session_factory_for
+
+        session_factory_for(settings)
+        for name in {p.model for p in settings.pipelines}:
+            if name in FACTORIES:
+                get_model(name)
+        log.info("worker process ready; models warm: %s",
+                 ", ".join(sorted(p.model for p in settings.pipelines)))
 
     @app.task(name=ANALYSE_SERIES, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
     def analyse_series(job_id: int) -> str:
