@@ -15,12 +15,16 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def missing(reason: str) -> None:
+    """Skip locally, fail when ``CI`` is set: a CI run never passes by skipping."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this is an error, not a skip)")
+    pytest.skip(reason)
+
+
 def _require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
-        message = f"{what} not found at {path} (set RADNODE_TEST_DATA to the data folder)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{what} not found at {path} (set RADNODE_TEST_DATA to the data folder)")
     return path
 
 

@@ -7,7 +7,6 @@ which case they fail.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -18,25 +17,10 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from tests.conftest import missing
 from workers.inference.base import Code, SegmentSpec, Volume
 
-PANCREAS_DIR = "ct_abdomen_pancreas_tcia"
 PANCREAS_SLICES = 134
-
-
-def _missing(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so this is an error, not a skip)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def dicom_data_dir() -> Path:
-    default = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    path = Path(os.environ.get("RADNODE_TEST_DATA", str(default)))
-    if not path.is_dir():
-        _missing(f"test data folder {path} not found (set RADNODE_TEST_DATA)")
-    return path
 
 
 def _volume_from_datasets(datasets: list[Dataset]) -> Volume:
@@ -86,11 +70,11 @@ def _volume_from_datasets(datasets: list[Dataset]) -> Volume:
 
 
 @pytest.fixture(scope="session")
-def pancreas_datasets(dicom_data_dir: Path) -> list[Dataset]:
-    folder = dicom_data_dir / PANCREAS_DIR
+def pancreas_datasets(ct_series_dir: Path) -> list[Dataset]:
+    folder = ct_series_dir
     files = sorted(folder.glob("*.dcm"))
     if len(files) != PANCREAS_SLICES:
-        _missing(f"{folder} should hold {PANCREAS_SLICES} CT files, found {len(files)}")
+        missing(f"{folder} should hold {PANCREAS_SLICES} CT files, found {len(files)}")
     return [pydicom.dcmread(f) for f in files]
 
 
@@ -159,7 +143,7 @@ def dciodvfy_path() -> str:
         "/usr/bin/dciodvfy" if Path("/usr/bin/dciodvfy").exists() else None
     )
     if path is None:
-        _missing("dciodvfy (dicom3tools) not installed")
+        missing("dciodvfy (dicom3tools) not installed")
     assert path is not None
     return path
 

@@ -19,12 +19,7 @@ from pathlib import Path
 
 import pytest
 
-
-def missing(reason: str) -> None:
-    """Skip locally, fail in CI (a CI run must never skip a real-peer test)."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so this is an error, not a skip)")
-    pytest.skip(reason)
+from tests.conftest import missing
 
 
 def require_tool(name: str) -> str:
@@ -61,23 +56,6 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    default = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    path = Path(os.environ.get("RADNODE_TEST_DATA", str(default)))
-    if not path.is_dir():
-        missing(f"test data folder {path} not found (set RADNODE_TEST_DATA)")
-    return path
-
-
-@pytest.fixture(scope="session")
-def real_ct_dir(data_dir: Path) -> Path:
-    path = data_dir / "ct_abdomen_pancreas_tcia"
-    if not path.is_dir():
-        missing(f"{path} not found")
-    return path
 
 
 @dataclass

@@ -59,11 +59,11 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in lines if line.startswith("Error")]
 
 
-def test_scanner_to_pacs(real_ct_dir: Path, node: Peer, storescp_pacs: Peer) -> None:
+def test_scanner_to_pacs(ct_series_dir: Path, node: Peer, storescp_pacs: Peer) -> None:
     storescu = require_tool("storescu")
     sent = subprocess.run(
         [storescu, "-aet", "SCANNER", "-aec", "RADNODE", "+sd", "+sp", "*.dcm",
-         "127.0.0.1", str(node.port), str(real_ct_dir)],
+         "127.0.0.1", str(node.port), str(ct_series_dir)],
         capture_output=True, text=True, check=False, timeout=300,
     )
     assert sent.returncode == 0, sent.stdout + sent.stderr
@@ -74,7 +74,7 @@ def test_scanner_to_pacs(real_ct_dir: Path, node: Peer, storescp_pacs: Peer) -> 
     assert dciodvfy_errors(sr_path) == []
 
     sources = {}
-    for path in sorted(real_ct_dir.glob("*.dcm")):
+    for path in sorted(ct_series_dir.glob("*.dcm")):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         sources[str(ds.SOPInstanceUID)] = ds
     assert len(sources) == 134

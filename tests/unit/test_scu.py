@@ -72,26 +72,23 @@ def _start_peer(peer: PeerSCP, *, ae_title: str = "PEERSCP", require_called_aet:
     return server, int(server.server_address[1])
 
 
-@pytest.fixture
-def peer() -> Iterator[tuple[PeerSCP, Destination]]:
-    scp = PeerSCP()
+def _running_peer(scp: PeerSCP) -> Iterator[tuple[PeerSCP, Destination]]:
     server, port = _start_peer(scp)
     try:
         yield scp, Destination(ae_title="PEERSCP", host="127.0.0.1", port=port)
     finally:
         scp.release.set()
         server.shutdown()
+
+
+@pytest.fixture
+def peer() -> Iterator[tuple[PeerSCP, Destination]]:
+    yield from _running_peer(PeerSCP())
 
 
 @pytest.fixture
 def stalling_peer() -> Iterator[tuple[PeerSCP, Destination]]:
-    scp = PeerSCP(stall="first")
-    server, port = _start_peer(scp)
-    try:
-        yield scp, Destination(ae_title="PEERSCP", host="127.0.0.1", port=port)
-    finally:
-        scp.release.set()
-        server.shutdown()
+    yield from _running_peer(PeerSCP(stall="first"))
 
 
 def _files(folder: Path, count: int, **kwargs: Any) -> list[Path]:
