@@ -5,7 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import (
+    UID,
+    AllTransferSyntaxes,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -16,11 +22,35 @@ from service.scp.handlers import StoreContext, handle_echo, handle_store
 
 log = logging.getLogger("radnode.scp")
 
+
+
+def _preference(syntax: UID) -> int:
+    if syntax == ExplicitVRLittleEndian:
+        return 0
+    lossless = "Lossless" in syntax.name and "Lossy" not in syntax.name
+    if syntax.is_compressed and (lossless or syntax == RLELossless):
+        return 1
+    if syntax.is_deflated:
+        return 2
+    if syntax.is_compressed:
+        return 3
+    if syntax == ImplicitVRLittleEndian:
+        return 4
+    return 5
+
+
 #: Transfer syntaxes the SCP accepts for storage: every one pydicom knows
 #: (implicit/explicit little endian, explicit big endian, deflate, JPEG
 #: baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE, ...). The received
 #: bytes are stored as sent; nothing is decoded in the SCP.
-STORAGE_TRANSFER_SYNTAXES = [str(ts) for ts in AllTransferSyntaxes]
+#:
+#: pynetdicom accepts, from the syntaxes a peer proposes in one presentation
+#: context, the first in this list. The order never makes a sender compress
+#: lossily: explicit VR little endian first (its VRs travel with the data),
+#: then lossless compressed syntaxes, deflate, lossy syntaxes (chosen only
+#: when the peer offers nothing better, i.e. the data is already lossy),
+#: implicit VR little endian and big endian.
+STORAGE_TRANSFER_SYNTAXES = [str(ts) for ts in sorted(AllTransferSyntaxes, key=_preference)]
 
 
 def _on_accepted(event: evt.Event) -> None:
