@@ -116,6 +116,9 @@ class DicomSettings(_Section):
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
+    #: On SIGTERM: stop accepting associations, let those in flight finish for
+    #: at most this long, then abort them.
+    drain_timeout_s: float = Field(default=30.0, ge=0)
 
     @field_validator("ae_title")
     @classmethod
@@ -123,13 +126,48 @@ class DicomSettings(_Section):
         return validate_ae_title(value)
 
 
+class StorageSettings(_Section):
+    """The spool's disk."""
+
+    #: Below this much free space (MiB) on the spool's file system new
+    #: instances are refused with 0xA700 (Out of Resources).
+    min_free_mb: int = Field(default=1024, ge=0)
+
+
 class CompletionSettings(_Section):
-    """When a series counts as complete."""
+    """When a series counts as complete (the first signal that fires wins).
+
+    * ``expected_count``: as many instances as Images in Acquisition (0020,1002) says;
+    * ``association_released``: the sending association was released and no
+      instance came for ``release_quiet_s``;
+    * ``quiet_period``: no new instance for ``quiet_period_s``;
+    * ``force_timeout``: still receiving ``max_wait_s`` after the first instance.
+    """
 
     #: Seconds with no new instance after which a series is complete.
     quiet_period_s: float = Field(default=5.0, gt=0)
-    #: How often the node looks for quiet series and due deliveries, seconds.
+    #: Shorter quiet period once the association that sent the series was
+    #: released; 0 turns this signal off (senders that open one association
+    #: per instance).
+    release_quiet_s: float = Field(default=1.0, ge=0)
+    #: Complete as soon as the instance count reaches Images in Acquisition.
+    use_expected_count: bool = True
+    #: Complete a series still receiving this long after its first instance.
+    max_wait_s: float = Field(default=1800.0, gt=0)
+    #: How often the node looks for complete series and due deliveries, seconds.
     check_interval_s: float = Field(default=0.5, gt=0)
+
+
+class RetentionSettings(_Section):
+    """When received instances leave the spool (their database rows stay)."""
+
+    #: Hours after the last result of a series was delivered; 0 = never.
+    after_delivery_h: float = Field(default=24.0, ge=0)
+    #: Days after the last instance for series whose results were not (all)
+    #: delivered or that no pipeline analyses; 0 = never.
+    max_age_days: float = Field(default=30.0, ge=0)
+    #: How often retention runs, seconds.
+    check_interval_s: float = Field(default=300.0, gt=0)
 
 
 class Pipeline(_Section):
@@ -173,6 +211,15 @@ class WorkerSettings(_Section):
     concurrency: int = Field(default=1, ge=1)
     #: Hard time limit of one analysis, seconds; the job fails after it.
     time_limit_s: int = Field(default=900, ge=10)
+    #: How often a running job renews its lease, seconds.
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    #: A running job whose lease is older than this lost its worker: it is
+    #: queued again (same result UIDs) or failed after ``max_attempts``.
+    heartbeat_timeout_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    #: A queued job not started after this long is published again (its
+    #: broker message may be lost); duplicates are dropped by the worker.
+    republish_after_s: float = Field(default=300.0, gt=0)
 
 
 class DeliverySettings(_Section):
@@ -210,8 +257,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("radnode-data")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     destinations: list[Destination] = Field(default_factory=list)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     pipelines: list[Pipeline] = Field(default_factory=lambda: [Pipeline()])
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
 
 from service.config import Settings, dump_settings
@@ -18,7 +20,8 @@ from service.db import migrate
 from service.db.models import Delivery
 from service.db.session import make_engine, make_session_factory
 from service.queue import make_celery
-from service.scheduler import Loop, complete_and_route, deliver_due, publish_pending
+from service.retention import purge_due
+from service.scheduler import Loop, complete_and_route, deliver_due, publish_pending, sweep_jobs
 from service.scp.handlers import StoreContext
 from service.scp.server import start_scp
 
@@ -39,6 +42,22 @@ def die_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def remove_interrupted_writes(*folders: Path) -> int:
+    """Delete temporary files of writes a crash interrupted; return how many.
+
+    They were never renamed into place, so never acknowledged to a peer
+    (the SCP answers Success only after the rename and the database row).
+    """
+    removed = 0
+    for folder in folders:
+        for partial in folder.rglob(".incoming-*.tmp"):
+            partial.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.warning("removed %d partial file(s) left by an interrupted write", removed)
+    return removed
 
 
 class EmbeddedWorker:
@@ -93,7 +112,8 @@ class Node:
         self._stop = threading.Event()
         self._loops: list[Loop] = []
         self._worker: EmbeddedWorker | None = None
-        self._server: object | None = None
+        self._server: ThreadedAssociationServer | None = None
+        self.store_context: StoreContext | None = None
 
     def start(self) -> None:
         """Prepare directories and database, then start SCP, loops and worker.
@@ -106,6 +126,7 @@ class Node:
         s = self.settings
         for folder in (s.data_dir, s.spool_dir, s.results_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        remove_interrupted_writes(s.spool_dir, s.results_dir)
         if s.database.auto_upgrade:
             migrate.upgrade(s.database_url)
         engine = make_engine(s.database_url)
@@ -124,10 +145,15 @@ class Node:
             Loop("completion", lambda: (complete_and_route(s, factory),
                                         publish_pending(app, factory)), interval),
             Loop("delivery", lambda: deliver_due(s, factory), interval),
+            Loop("sweeper", lambda: sweep_jobs(app, s, factory),
+                 min(5.0, s.worker.heartbeat_timeout_s / 4)),
+            Loop("retention", lambda: purge_due(s, factory), s.retention.check_interval_s),
         ]
         for loop in self._loops:
             loop.start()
-        self._server = start_scp(s.dicom, StoreContext(s.spool_dir.resolve(), factory))
+        self.store_context = StoreContext(s.spool_dir.resolve(), factory,
+                                          min_free_bytes=s.storage.min_free_mb << 20)
+        self._server = start_scp(s.dicom, self.store_context)
         log.info("radnode ready: AE %s on %s:%d, data in %s, database %s, broker %s",
                  s.dicom.ae_title, s.dicom.host, s.dicom.port, s.data_dir,
                  engine.url.render_as_string(hide_password=True),
@@ -146,10 +172,22 @@ class Node:
         self.stop()
 
     def stop(self) -> None:
-        """Stop accepting associations, finish loop steps, stop the worker."""
-        if self._server is not None:
-            self._server.shutdown()  # type: ignore[attr-defined]
+        """Drain: refuse new associations, let those in flight finish, then stop.
+
+        Associations still open after ``dicom.drain_timeout_s`` are aborted;
+        whatever they had stored and acknowledged is on disk and recorded.
+        """
+        server = self._server
+        if server is not None:
             self._server = None
+            server.shutdown()  # stops accepting and closes the listening socket
+            deadline = time.monotonic() + self.settings.dicom.drain_timeout_s
+            while server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for assoc in server.active_associations:
+                log.warning("drain timeout: aborting association with AE %s",
+                            assoc.requestor.ae_title)
+                assoc.abort()
         for loop in self._loops:
             loop.stop()
         if self._worker is not None:

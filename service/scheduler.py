@@ -27,13 +27,13 @@ log = logging.getLogger("radnode.scheduler")
 
 
 def complete_and_route(settings: Settings, session_factory: sessionmaker[Session]) -> int:
-    """Complete quiet series and add a job per matching pipeline; return jobs added."""
+    """Complete ready series and add a job per matching pipeline; return jobs added."""
     now = utcnow()
     added = 0
     destinations = [str(d) for d in settings.destinations]
     with session_factory() as session:
-        for series in repository.complete_quiet_series(
-            session=session, now=now, quiet_period_s=settings.completion.quiet_period_s
+        for series in repository.complete_ready_series(
+            session=session, now=now, rules=settings.completion
         ):
             pipelines = [p for p in settings.pipelines
                          if p.modality.upper() == series.modality.upper()]
@@ -69,6 +69,47 @@ def publish_pending(app: Celery, session_factory: sessionmaker[Session]) -> int:
             published += 1
             log.info("job %d (%s) queued on %s", job.id, job.model_name, job.queue)
     return published
+
+
+def sweep_jobs(app: Celery, settings: Settings, session_factory: sessionmaker[Session]) -> int:
+    """Recover jobs whose broker message or worker was lost; return how many were touched.
+
+    * a ``running`` job whose lease (heartbeat) is older than
+      ``worker.heartbeat_timeout_s`` lost its worker (killed, machine down):
+      it is ``queued`` and published again, or ``failed`` after
+      ``worker.max_attempts`` attempts;
+    * a ``queued`` job not started ``worker.republish_after_s`` after it was
+      published may have lost its message (broker restarted without
+      persistence): it is published again. A duplicate message is harmless,
+      since a worker only runs a job it can claim (:func:`repository.claim_job`).
+    """
+    cfg = settings.worker
+    now = utcnow()
+    touched = 0
+    with session_factory() as session:
+        stale = now - timedelta(seconds=cfg.heartbeat_timeout_s)
+        for job in repository.lost_jobs(session=session, stale_before=stale):
+            touched += 1
+            if job.attempts >= cfg.max_attempts:
+                job.state = "failed"
+                job.finished_at = now
+                job.error = (f"worker lost {job.attempts} time(s) (no heartbeat for "
+                             f"{cfg.heartbeat_timeout_s:g} s); giving up")
+                log.error("job %d failed: worker lost after %d attempts", job.id, job.attempts)
+                continue
+            job.state = "pending"  # published again below, after commit
+            log.warning("job %d lost its worker (no heartbeat for %g s): queued again",
+                        job.id, cfg.heartbeat_timeout_s)
+        cutoff = now - timedelta(seconds=cfg.republish_after_s)
+        for job in repository.unstarted_jobs(session=session, queued_before=cutoff):
+            touched += 1
+            job.state = "pending"
+            log.warning("job %d queued %g s ago and not started: publishing it again",
+                        job.id, cfg.republish_after_s)
+        session.commit()
+    if touched:
+        publish_pending(app, session_factory)
+    return touched
 
 
 def deliver_due(settings: Settings, session_factory: sessionmaker[Session]) -> int:

@@ -6,7 +6,9 @@ import io
 import logging
 import os
 import socket
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,33 @@ def session_factory_for(settings: Settings) -> sessionmaker[Session]:
     if key not in _factories:
         _factories[key] = make_session_factory(make_engine(settings.database_url))
     return _factories[key]
+
+
+class _Lease:
+    """Renew a running job's heartbeat from a background thread until stopped."""
+
+    def __init__(self, job_id: int, session_factory: sessionmaker[Session],
+                 interval_s: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(job_id, session_factory, interval_s),
+            name=f"lease-{job_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self, job_id: int, session_factory: sessionmaker[Session],
+             interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                with session_factory() as session:
+                    repository.renew_lease(job_id, session=session, now=utcnow())
+                    session.commit()
+            except Exception:  # the next renewal may succeed; the sweeper decides
+                log.exception("cannot renew the lease of job %d", job_id)
+
+    def stop(self) -> None:
+        """Stop renewing (the job is about to be recorded as finished)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def resolve_device(requested: str) -> str:
@@ -102,19 +131,18 @@ def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmak
     str
         The job's final state.
     """
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.worker.heartbeat_timeout_s)
     with session_factory() as session:
+        if not repository.claim_job(job_id, session=session, now=now, stale_before=stale):
+            session.rollback()
+            found = session.get(Job, job_id)
+            state = found.state if found is not None else "missing"
+            log.info("job %d is %s: not running it (duplicate or stale message)", job_id, state)
+            return state
         job = session.get(Job, job_id)
-        if job is None:
-            log.error("job %d does not exist", job_id)
-            return "missing"
-        if job.state == "succeeded":
-            log.info("job %d already succeeded; not running it again", job_id)
-            return job.state
-        job.state = "running"
-        job.started_at = utcnow()
-        job.attempts += 1
+        assert job is not None
         job.worker = hostname or socket.gethostname()
-        job.error = None
         series_uid = job.series.series_instance_uid
         paths = [settings.spool_dir / p
                  for p in repository.instance_paths(job.series_id, session=session)]
@@ -123,6 +151,7 @@ def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmak
     log.info("job %d: %s on series %s (%d instances)", job_id, model_name, series_uid, len(paths))
 
     timings: dict[str, float] = {}
+    lease = _Lease(job_id, session_factory, settings.worker.heartbeat_interval_s)
     try:
         t0 = time.perf_counter()
         model = get_model(model_name)
@@ -156,6 +185,7 @@ def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmak
         timings = {"load_s": t1 - t0, "inference_s": t2 - t1, "encode_s": t3 - t2,
                    "write_s": t4 - t3, "device": device}  # type: ignore[dict-item]
     except Exception as exc:
+        lease.stop()
         with session_factory() as session:
             failed = session.get(Job, job_id)
             assert failed is not None
@@ -166,6 +196,7 @@ def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmak
         log.exception("job %d on series %s failed", job_id, series_uid)
         return "failed"
 
+    lease.stop()
     summary = {
         "model": model.name,
         "version": model.version,

@@ -3,9 +3,12 @@
 States
 ------
 Series.state: ``receiving`` → ``complete`` (back to ``receiving`` when a late
-instance arrives; the series is analysed again once quiet).
+instance arrives; the series is analysed again once complete again) →
+``purged`` (retention removed its instances from the spool).
 Job.state: ``pending`` (row written) → ``queued`` (published to the broker) →
-``running`` → ``succeeded`` | ``failed``.
+``running`` → ``succeeded`` | ``failed``. A running job whose worker stopped
+renewing ``heartbeat_at`` goes back to ``queued`` (or ``failed`` after the
+last attempt); a queued job not started in time is published again.
 Delivery.state: ``pending`` → ``sending`` → ``sent`` | ``failed`` (after the
 last retry).
 """
@@ -62,6 +65,12 @@ class Series(Base):
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completion_reason: Mapped[str | None] = mapped_column(String(32))
+    #: Images in Acquisition (0020,1002) when the data carries it.
+    expected_count: Mapped[int | None] = mapped_column(Integer)
+    #: When an association that stored instances of this series was released.
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: When retention removed the instances from the spool (rows are kept).
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
     jobs: Mapped[list[Job]] = relationship(back_populates="series")
@@ -110,6 +119,8 @@ class Job(Base):
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Renewed by the worker while it runs the job; a stale lease means it was lost.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job")

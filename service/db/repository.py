@@ -7,14 +7,16 @@ otherwise, so that a caller can put several steps in one transaction.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from service.config import CompletionSettings
 from service.db.models import Delivery, Instance, Job, Result, Series
+from service.db.session import as_utc
 
 
 def _insert_ignoring_conflict(
@@ -60,12 +62,14 @@ def record_instance(
     size_bytes: int,
     calling_ae_title: str,
     received_at: datetime,
+    expected_count: int | None = None,
 ) -> bool:
     """Record a stored instance and update its series.
 
     A series that was complete goes back to ``receiving`` (late instance: it
-    is analysed again once quiet; deterministic result UIDs make the new
-    results replace the old ones).
+    is analysed again once complete again; deterministic result UIDs make the
+    new results replace the old ones). ``expected_count`` (Images in
+    Acquisition) is kept from the first instance that carries it.
 
     Returns
     -------
@@ -85,6 +89,7 @@ def record_instance(
             "instance_count": 0,
             "first_received_at": received_at,
             "last_received_at": received_at,
+            "expected_count": expected_count,
         },
         ["series_instance_uid"],
     )
@@ -117,31 +122,65 @@ def record_instance(
             instance_count=Series.instance_count + 1,
             last_received_at=received_at,
             state="receiving",
+            expected_count=func.coalesce(Series.expected_count, expected_count),
         )
     )
     return True
 
 
-def complete_quiet_series(
-    *, session: Session, now: datetime, quiet_period_s: float
+def completion_reason(series: Series, now: datetime, rules: CompletionSettings) -> str | None:
+    """Why a receiving series counts as complete now, or None if it does not yet.
+
+    The signals, first match wins: ``expected_count`` (instance count reached
+    Images in Acquisition), ``association_released`` (the sending association
+    was released after the last instance and ``release_quiet_s`` passed),
+    ``quiet_period`` (no instance for ``quiet_period_s``), ``force_timeout``
+    (``max_wait_s`` since the first instance).
+    """
+    last = as_utc(series.last_received_at)
+    quiet_s = (now - last).total_seconds()
+    if (rules.use_expected_count and series.expected_count
+            and series.instance_count >= series.expected_count):
+        return "expected_count"
+    if (rules.release_quiet_s > 0 and series.released_at is not None
+            and as_utc(series.released_at) >= last and quiet_s >= rules.release_quiet_s):
+        return "association_released"
+    if quiet_s >= rules.quiet_period_s:
+        return "quiet_period"
+    if (now - as_utc(series.first_received_at)).total_seconds() >= rules.max_wait_s:
+        return "force_timeout"
+    return None
+
+
+def complete_ready_series(
+    *, session: Session, now: datetime, rules: CompletionSettings
 ) -> list[Series]:
-    """Mark series with no new instance for ``quiet_period_s`` seconds complete.
+    """Mark every receiving series that is complete by :func:`completion_reason`.
 
     Returns
     -------
     list[Series]
-        The series that became complete now, with ``completion_reason``
-        ``"quiet_period"``.
+        The series that became complete now, with ``completion_reason`` set.
     """
-    cutoff = now - timedelta(seconds=quiet_period_s)
-    rows = session.scalars(
-        select(Series).where(Series.state == "receiving", Series.last_received_at <= cutoff)
-    ).all()
-    for series in rows:
-        series.state = "complete"
-        series.completed_at = now
-        series.completion_reason = "quiet_period"
-    return list(rows)
+    completed = []
+    for series in session.scalars(select(Series).where(Series.state == "receiving")):
+        reason = completion_reason(series, now, rules)
+        if reason is not None:
+            series.state = "complete"
+            series.completed_at = now
+            series.completion_reason = reason
+            completed.append(series)
+    return completed
+
+
+def mark_released(series_uids: Sequence[str], *, session: Session, now: datetime) -> None:
+    """Record that an association which stored instances of these series was released."""
+    if series_uids:
+        session.execute(
+            update(Series)
+            .where(Series.series_instance_uid.in_(list(series_uids)))
+            .values(released_at=now)
+        )
 
 
 def add_job(
@@ -167,6 +206,48 @@ def add_job(
     )
     session.add(job)
     return job
+
+
+def claim_job(job_id: int, *, session: Session, now: datetime, stale_before: datetime) -> bool:
+    """Atomically mark a job ``running`` for this worker; False if it is not claimable.
+
+    A job is claimable when it is ``pending`` or ``queued``, or ``running``
+    with a lease older than ``stale_before`` (its worker was lost). A
+    duplicate broker message for a job that runs elsewhere or already ended
+    is therefore dropped.
+    """
+    claimable = (Job.state.in_(("pending", "queued"))) | (
+        (Job.state == "running") & (func.coalesce(Job.heartbeat_at, Job.started_at) < stale_before)
+    )
+    result = session.execute(
+        update(Job).where(Job.id == job_id, claimable).values(
+            state="running", started_at=now, heartbeat_at=now, attempts=Job.attempts + 1,
+            error=None,
+        )
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def renew_lease(job_id: int, *, session: Session, now: datetime) -> None:
+    """Renew a running job's lease (its heartbeat)."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.state == "running").values(heartbeat_at=now)
+    )
+
+
+def lost_jobs(*, session: Session, stale_before: datetime) -> list[Job]:
+    """Running jobs whose lease is older than ``stale_before``: their worker was lost."""
+    return list(session.scalars(
+        select(Job).where(Job.state == "running",
+                          func.coalesce(Job.heartbeat_at, Job.started_at) < stale_before)
+    ))
+
+
+def unstarted_jobs(*, session: Session, queued_before: datetime) -> list[Job]:
+    """Queued jobs published before ``queued_before`` that no worker started."""
+    return list(session.scalars(
+        select(Job).where(Job.state == "queued", Job.queued_at < queued_before)
+    ))
 
 
 def pending_jobs(*, session: Session) -> list[Job]:

@@ -11,7 +11,9 @@ file and no row behind.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import shutil
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,15 @@ CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 
 
+def _positive_int(value: Any) -> int | None:
+    """A positive integer from an IS/US value, else None (absent, empty, invalid)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
 def _status(code: int, comment: str) -> Dataset:
     status = Dataset()
     status.Status = code
@@ -45,10 +56,82 @@ def _status(code: int, comment: str) -> Dataset:
 
 @dataclass
 class StoreContext:
-    """What the C-STORE handler needs: where to write and where to record."""
+    """What the C-STORE handler needs: where to write and where to record.
+
+    Attributes
+    ----------
+    spool_dir : pathlib.Path
+        Root of the spool.
+    session_factory : sessionmaker
+        Database sessions.
+    min_free_bytes : int
+        Free-space reserve of the spool's file system, bytes: an instance
+        that would leave less is refused with 0xA700.
+    """
 
     spool_dir: Path
     session_factory: sessionmaker[Session]
+    min_free_bytes: int = 0
+    #: Series UIDs stored per open association (key: ``id(assoc)``).
+    touched: dict[int, set[str]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: True while the spool is below its reserve (for logs and health).
+    low_disk: bool = False
+
+    def has_room_for(self, size: int) -> bool:
+        """True if ``size`` more bytes leave at least the reserve free; logs transitions."""
+        if self.min_free_bytes <= 0:
+            return True
+        probe = self.spool_dir
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent  # the spool is created on first write
+        free = shutil.disk_usage(probe).free
+        low = free - size < self.min_free_bytes
+        if low != self.low_disk:
+            self.low_disk = low
+            if low:
+                log.error("spool free space %d MiB is below the reserve of %d MiB: refusing "
+                          "new instances with 0xA700", free >> 20, self.min_free_bytes >> 20)
+            else:
+                log.warning("spool free space %d MiB is above the reserve again: accepting "
+                            "instances", free >> 20)
+        return not low
+
+    def touch(self, event: evt.Event, series_uid: str) -> None:
+        """Remember that this association stored an instance of ``series_uid``."""
+        with self.lock:
+            self.touched.setdefault(id(event.assoc), set()).add(series_uid)
+
+    def forget(self, event: evt.Event) -> set[str]:
+        """The series this association stored (and forget them)."""
+        with self.lock:
+            return self.touched.pop(id(event.assoc), set())
+
+
+def handle_released(event: evt.Event, context: StoreContext) -> None:
+    """``EVT_RELEASED``: record the release on every series the association stored.
+
+    A released association is evidence the sender finished: those series
+    complete after ``completion.release_quiet_s`` instead of the full quiet
+    period. An aborted association is no such evidence (see :func:`handle_aborted`).
+    """
+    series = context.forget(event)
+    log.info("association released: calling AE %s, %d series",
+             event.assoc.requestor.ae_title, len(series))
+    if not series:
+        return
+    try:
+        with context.session_factory() as session:
+            repository.mark_released(sorted(series), session=session, now=utcnow())
+            session.commit()
+    except SQLAlchemyError as exc:
+        log.error("cannot record association release: %s", type(exc).__name__)
+
+
+def handle_aborted(event: evt.Event, context: StoreContext) -> None:
+    """``EVT_ABORTED``: forget the association; its series wait for the quiet period."""
+    context.forget(event)
+    log.warning("association aborted: calling AE %s", event.assoc.requestor.ae_title)
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -89,6 +172,7 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
             ds_sop_instance: Any = dataset.get("SOPInstanceUID")
             ds_sop_class: Any = dataset.get("SOPClassUID")
             modality = str(dataset.get("Modality", "") or "")[:16]
+            expected = _positive_int(dataset.get("ImagesInAcquisition"))
         except Exception as exc:  # pydicom raises many types on bad bytes
             raise InvalidInstanceError(
                 f"cannot parse data set: {type(exc).__name__}", CANNOT_UNDERSTAND
@@ -121,8 +205,11 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
 
     relative = spool.relative_path(study_uid, series_uid, sop_instance_uid)
     target = context.spool_dir / relative
+    encoded = event.encoded_dataset(include_meta=True)
     try:
-        size = spool.write_durably(target, event.encoded_dataset(include_meta=True))
+        if not context.has_room_for(len(encoded)):
+            return _status(OUT_OF_RESOURCES, "spool below its free-space reserve")
+        size = spool.write_durably(target, encoded)
     except OSError as exc:
         log.error("cannot write %s to the spool: %s", sop_instance_uid, exc.strerror)
         return _status(OUT_OF_RESOURCES, "cannot write to the spool")
@@ -141,6 +228,7 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
                 size_bytes=size,
                 calling_ae_title=calling_ae[:16],
                 received_at=utcnow(),
+                expected_count=expected,
             )
             session.commit()
     except SQLAlchemyError as exc:
@@ -148,6 +236,7 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
         target.unlink(missing_ok=True)
         log.error("cannot record %s: %s", sop_instance_uid, type(exc).__name__)
         return _status(OUT_OF_RESOURCES, "cannot record the instance")
+    context.touch(event, series_uid)
     if not new:
         log.info("duplicate SOP Instance UID %s from AE %s (concurrent): kept the first copy",
                  sop_instance_uid, calling_ae)

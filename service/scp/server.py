@@ -18,7 +18,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import DicomSettings
 from service.dicom.net import set_tcp_nodelay
-from service.scp.handlers import StoreContext, handle_echo, handle_store
+from service.scp.handlers import (
+    StoreContext,
+    handle_aborted,
+    handle_echo,
+    handle_released,
+    handle_store,
+)
 
 log = logging.getLogger("radnode.scp")
 
@@ -57,14 +63,6 @@ def _on_accepted(event: evt.Event) -> None:
     requestor = event.assoc.requestor
     log.info("association accepted: calling AE %s from %s:%s", requestor.ae_title,
              requestor.address, requestor.port)
-
-
-def _on_released(event: evt.Event) -> None:
-    log.info("association released: calling AE %s", event.assoc.requestor.ae_title)
-
-
-def _on_aborted(event: evt.Event) -> None:
-    log.warning("association aborted: calling AE %s", event.assoc.requestor.ae_title)
 
 
 def build_ae(settings: DicomSettings) -> AE:
@@ -107,8 +105,8 @@ def start_scp(settings: DicomSettings, context: StoreContext) -> ThreadedAssocia
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
         (evt.EVT_ACCEPTED, _on_accepted),
-        (evt.EVT_RELEASED, _on_released),
-        (evt.EVT_ABORTED, _on_aborted),
+        (evt.EVT_RELEASED, handle_released, [context]),
+        (evt.EVT_ABORTED, handle_aborted, [context]),
     ]
     server = ae.start_server(
         (settings.host, settings.port), block=False, evt_handlers=handlers

@@ -12,11 +12,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import scheduler
-from service.config import Settings, load_settings
+from service.config import CompletionSettings, Settings, load_settings
 from service.db import migrate, repository
 from service.db.models import Job, Series
 from service.db.session import as_utc, make_engine, make_session_factory
 
+QUIET_5S = CompletionSettings(quiet_period_s=5.0)
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 DESTINATIONS = ["PACS@10.0.0.5:104", "ARCHIVE@10.0.0.6:11112"]
 
@@ -109,13 +110,13 @@ def test_record_instance_counts_and_duplicates(
     assert _series(session_factory, mr).instance_count == 2
 
 
-def test_complete_quiet_series_with_explicit_now(
+def test_complete_ready_series_with_explicit_now(
     session_factory: sessionmaker[Session], two_series: tuple[str, str]
 ) -> None:
     ct, mr = two_series
     with session_factory() as session:
-        early = repository.complete_quiet_series(
-            session=session, now=T0 + timedelta(seconds=1), quiet_period_s=5.0)
+        early = repository.complete_ready_series(
+            session=session, now=T0 + timedelta(seconds=1), rules=QUIET_5S)
         session.commit()
     assert early == []
     assert _series(session_factory, ct).state == "receiving"
@@ -123,7 +124,7 @@ def test_complete_quiet_series_with_explicit_now(
 
     later = T0 + timedelta(seconds=6)
     with session_factory() as session:
-        done = repository.complete_quiet_series(session=session, now=later, quiet_period_s=5.0)
+        done = repository.complete_ready_series(session=session, now=later, rules=QUIET_5S)
         session.commit()
     assert sorted(s.series_instance_uid for s in done) == sorted([ct, mr])
     for uid in (ct, mr):

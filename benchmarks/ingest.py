@@ -1,0 +1,586 @@
+"""Ingest throughput: instances/s and MB/s into radnode, against dcmtk storescp.
+
+One run sends the same series with dcmtk ``storescu`` to
+
+* ``radnode serve --no-worker`` (a subprocess; SQLite, fsync'd spool),
+* dcmtk ``storescp -od DIR +xa PORT`` (writes every file; no fsync, no database),
+* Orthanc, when ``Orthanc`` is on PATH (skipped with a note otherwise),
+
+and prints, per receiver and series, the median over ``--repeats`` runs of the
+seconds from storescu's start to its exit (it exits once its association is
+released), instances/s, MB/s (1 MB = 10^6 bytes of the sent files) and the
+ratio of that throughput to storescp's. Every repeat starts a fresh receiver
+with a new, empty data folder, and afterwards checks that the receiver holds
+every instance (radnode: rows in ``<data_dir>/radnode.db``; storescp: files;
+Orthanc: ``/statistics``); a shortfall stops the benchmark.
+
+Series: the real CT in ``../shared/data/ct_abdomen_pancreas_tcia`` (or
+``--input DIR``) and a many-small-instances series of ``--small-count``
+synthetic 64×64 CT instances written with pydicom into a temporary folder.
+
+Main table: ``TCP_NODELAY=1`` in the environment of storescu and storescp
+(Debian's dcmtk leaves Nagle's algorithm on unless told; with it on, a small
+DIMSE message can wait ~40 ms for the peer's delayed ACK). Second table:
+a stock storescu (no ``TCP_NODELAY``) against radnode and against storescp,
+the latter both with ``TCP_NODELAY=1`` (same receiver as the main table) and
+stock; its small case is the first ``--stock-small-count`` (200) instances,
+since with Nagle on each instance costs tens of milliseconds whatever the
+receiver.
+
+    .venv/bin/python benchmarks/ingest.py [--repeats 3] [--input DIR]
+        [--small-count 1000] [--stock-small-count 200] [--no-stock]
+        [--markdown [FILE]] [--profile FILE]
+
+``--profile FILE`` adds, per series, one untimed send to radnode with py-spy
+attached to it (``pip install py-spy``), writes py-spy's raw (collapsed)
+stacks to FILE (the first series; ``FILE-1``... for the others) and prints the
+top frames. py-spy counts a thread in ``time.sleep`` as active: pynetdicom's
+polling loops (``dul.py`` ``run_reactor``, ``association.py``
+``_run_reactor``) show up although they wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_CT = REPO.parent / "shared" / "data" / "ct_abdomen_pancreas_tcia"
+STORESCU = shutil.which("storescu", path="/usr/bin") or shutil.which("storescu")
+STORESCP = shutil.which("storescp", path="/usr/bin") or shutil.which("storescp")
+ECHOSCU = shutil.which("echoscu", path="/usr/bin") or shutil.which("echoscu")
+CALLING_AE = "BENCH"
+
+
+class BenchmarkError(RuntimeError):
+    """A receiver did not start or did not get every instance."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dcmtk_env(nodelay: bool) -> dict[str, str]:
+    """The environment for a dcmtk tool: ``TCP_NODELAY=1`` or no TCP_NODELAY at all."""
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    if nodelay:
+        env["TCP_NODELAY"] = "1"
+    return env
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --------------------------------------------------------------------------- series
+
+@dataclass
+class Series:
+    name: str
+    folder: Path
+    count: int
+    size_bytes: int
+
+
+def describe_series(name: str, folder: Path) -> Series:
+    files = sorted(folder.glob("*.dcm"))
+    if not files:
+        raise SystemExit(f"no *.dcm files in {folder}")
+    # Read every file once so that the first timed run does not pay for a cold page cache.
+    size = 0
+    for path in files:
+        size += len(path.read_bytes())
+    return Series(name, folder, len(files), size)
+
+
+def write_small_series(folder: Path, count: int, size: int = 64) -> None:
+    """``count`` synthetic ``size``×``size`` CT instances of one series (explicit VR LE)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    body = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.4 * size) ** 2
+    for i in range(count):
+        sop_uid = generate_uid()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PatientName = "Bench^Ingest"
+        ds.PatientID = "BENCH-INGEST"
+        ds.StudyDate = ds.SeriesDate = "20260101"
+        ds.StudyTime = ds.SeriesTime = "120000"
+        ds.AccessionNumber = "BENCH1"
+        ds.StudyID = "1"
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = i + 1
+        ds.Modality = "CT"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [0.0, 0.0, float(i)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing = [1.0, 1.0]
+        ds.SliceThickness = 1.0
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        pixels = np.where(body, 1064, 24) + rng.integers(-20, 20, (size, size))
+        ds.PixelData = pixels.astype("<i2").tobytes()
+        ds.save_as(folder / f"IMG{i + 1:05d}.dcm", enforce_file_format=True)
+
+
+# --------------------------------------------------------------------------- receivers
+
+@dataclass
+class Receiver:
+    """A receiving AE started fresh, in its own folder, for every repeat."""
+
+    label: str
+    aet: str
+    nodelay: bool = True  # TCP_NODELAY=1 in a dcmtk receiver's environment
+    port: int = 0
+    folder: Path = Path()
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path = Path()
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def count(self) -> int:
+        raise NotImplementedError
+
+    def start(self, folder: Path, ready_timeout_s: float = 60.0) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True)
+        self.port = free_port()
+        self.log = folder.parent / f"{folder.name}.log"
+        cmd, env = self.command()
+        assert ECHOSCU is not None
+        with self.log.open("wb") as log_file:
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                         env=env, cwd=REPO, start_new_session=True)
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchmarkError(f"{self.label} exited with {self.proc.returncode} at start:"
+                                     f"\n{log_tail(self.log)}")
+            echo = subprocess.run([ECHOSCU, "-to", "2", "-aet", CALLING_AE, "-aec", self.aet,
+                                   "127.0.0.1", str(self.port)],
+                                  capture_output=True, env=dcmtk_env(True))
+            if echo.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise BenchmarkError(f"{self.label} does not answer C-ECHO on port {self.port}:"
+                                     f"\n{log_tail(self.log)}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def wait_for(self, expected: int, timeout_s: float = 10.0) -> int:
+        """The receiver's count once it reaches ``expected`` (or after ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            got = self.count()
+            if got >= expected or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+
+class Radnode(Receiver):
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        venv_python = REPO / ".venv" / "bin" / "python"
+        python = str(venv_python) if venv_python.exists() else sys.executable
+        return ([python, "-m", "service.cli", "serve", "--no-worker", "--ae-title", self.aet,
+                 "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.folder),
+                 "--quiet-period", "3600"], dict(os.environ))
+
+    def count(self) -> int:
+        db = self.folder / "radnode.db"
+        if not db.exists():
+            return 0
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+
+class Storescp(Receiver):
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        assert STORESCP is not None
+        return ([STORESCP, "-aet", self.aet, "-od", str(self.folder), "+xa", str(self.port)],
+                dcmtk_env(self.nodelay))
+
+    def count(self) -> int:
+        return sum(1 for p in self.folder.iterdir() if p.is_file())
+
+
+class Orthanc(Receiver):
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        self.extra["http_port"] = free_port()
+        config = {
+            "Name": "radnode-bench", "DicomAet": self.aet, "DicomPort": self.port,
+            "HttpPort": self.extra["http_port"], "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+            "StorageDirectory": str(self.folder / "storage"),
+            "IndexDirectory": str(self.folder / "index"), "StorageCompression": False,
+            "Plugins": [], "HttpDescribeErrors": True,
+        }
+        path = self.folder / "orthanc.json"
+        path.write_text(json.dumps(config))
+        orthanc = shutil.which("Orthanc")
+        assert orthanc is not None
+        return [orthanc, str(path)], dict(os.environ)
+
+    def count(self) -> int:
+        url = f"http://127.0.0.1:{self.extra['http_port']}/statistics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(json.load(response)["CountInstances"])
+
+
+# --------------------------------------------------------------------------- sending
+
+def send(receiver: Receiver, series: Series, sender_nodelay: bool) -> float:
+    """Send ``series`` with storescu; return seconds from its start to its exit."""
+    assert STORESCU is not None
+    cmd = [STORESCU, "-aet", CALLING_AE, "-aec", receiver.aet, "+sd", "+sp", "*.dcm",
+           "127.0.0.1", str(receiver.port), str(series.folder)]
+    env = dcmtk_env(sender_nodelay)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, env=env)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise BenchmarkError(f"storescu → {receiver.label} exited with {done.returncode}:\n"
+                             + done.stderr.decode(errors="replace")[-3000:])
+    got = receiver.wait_for(series.count)
+    if got != series.count:
+        raise BenchmarkError(f"{receiver.label} holds {got} of {series.count} instances of "
+                             f"{series.name} after storescu exited (see {receiver.log}):\n"
+                             + done.stderr.decode(errors="replace")[-3000:])
+    return seconds
+
+
+@dataclass
+class Case:
+    table: str  # "main" or "stock"
+    receiver: type[Receiver]
+    label: str
+    aet: str
+    sender_nodelay: bool
+    receiver_nodelay: bool = True
+    baseline: bool = False  # the storescp row the ratio is taken against
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+
+
+def build_cases(with_orthanc: bool) -> list[Case]:
+    cases = [
+        Case("main", Radnode, "radnode", "RADNODE", True),
+        Case("main", Storescp, "storescp", "STORESCP", True, baseline=True),
+    ]
+    if with_orthanc:
+        cases.append(Case("main", Orthanc, "Orthanc", "ORTHANC", True))
+    cases += [
+        Case("stock", Radnode, "radnode", "RADNODE", False),
+        Case("stock", Storescp, "storescp (TCP_NODELAY=1)", "STORESCP", False, baseline=True),
+        Case("stock", Storescp, "storescp (stock)", "STORESCP", False, receiver_nodelay=False),
+    ]
+    return cases
+
+
+def run_case(case: Case, series: Series, work: Path, tag: str) -> float:
+    receiver = case.receiver(case.label, case.aet, nodelay=case.receiver_nodelay)
+    try:
+        receiver.start(work / tag)
+        return send(receiver, series, case.sender_nodelay)
+    finally:
+        receiver.stop()
+        shutil.rmtree(work / tag, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- profile
+
+def profile_radnode(series: Series, work: Path, out: Path, rate: int) -> None:
+    """One untimed send to radnode with py-spy attached; print the top frames."""
+    py_spy = shutil.which("py-spy", path=str(REPO / ".venv" / "bin")) or shutil.which("py-spy")
+    if py_spy is None:
+        print("\nprofile: py-spy not found (.venv/bin/pip install py-spy); skipped")
+        return
+    receiver = Radnode("radnode", "RADNODE")
+    try:
+        receiver.start(work / "profile")
+        assert receiver.proc is not None
+        spy = subprocess.Popen([py_spy, "record", "--format", "raw", "--rate", str(rate),
+                                "--nonblocking", "-o", str(out), "-p", str(receiver.proc.pid)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.0)  # let py-spy attach
+        seconds = send(receiver, series, sender_nodelay=True)
+        spy.send_signal(signal.SIGINT)
+        _, err = spy.communicate(timeout=60)
+        if not out.exists():
+            print(f"\nprofile: py-spy wrote nothing:\n{err.decode(errors='replace')[-2000:]}")
+            return
+    finally:
+        receiver.stop()
+        shutil.rmtree(work / "profile", ignore_errors=True)
+    print(f"\nprofile: {series.name} → radnode under py-spy ({rate} Hz, "
+          f"{seconds:.2f} s with the profiler attached), raw stacks in {out}")
+    summarise_profile(out)
+
+
+def _function(frame: str) -> str:
+    """``name (file:line)`` → ``name (file)``."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
+
+
+def summarise_profile(path: Path, top: int = 12) -> None:
+    """Print py-spy raw stacks by thread role, by function, and the C-STORE handler's callees."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    roles: collections.Counter[str] = collections.Counter()
+    handler: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not stack or not number.isdigit():
+            continue
+        count = int(number)
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        samples += count
+        names = [_function(f) for f in frames]
+        bare = [f.partition(" (")[0] for f in frames]
+        own[names[-1]] += count
+        for name in set(names):
+            if not name.startswith(("Thread.", "BaseServer.", "BaseRequestHandler.")):
+                total[name] += count
+        if "Association.run_reactor" in bare:
+            roles["association thread (DIMSE + the C-STORE handler)"] += count
+        elif "DULServiceProvider.run_reactor" in bare:
+            roles["DUL thread (socket reads, PDU decoding)"] += count
+        elif "RequestHandler.handle" in bare:
+            roles["association set-up"] += count
+        else:
+            roles["other threads"] += count
+        if "handle_store" in bare:
+            k = bare.index("handle_store")
+            callee = names[k + 1] if k + 1 < len(names) else "(own)"
+            handler[f"{frames[k].rsplit(':', 1)[-1].rstrip(')')}: {callee}"] += count
+    if not samples:
+        print("profile: no samples")
+        return
+
+    def pct(n: int) -> str:
+        return f"{100 * n / samples:5.1f}%"
+
+    print(f"{samples} samples (py-spy counts time.sleep as active). By thread:")
+    for role, n in roles.most_common():
+        print(f"  {pct(n)}  {role}")
+    in_handler = sum(handler.values())
+    print(f"C-STORE handler (handle_store): {pct(in_handler)} of samples; by callee "
+          "(handlers.py line: function):")
+    for key, n in handler.most_common(top):
+        print(f"  {pct(n)}  {key}")
+    print("top functions by own time:")
+    for function, n in own.most_common(top):
+        print(f"  {pct(n)}  {function}")
+    print("top functions by inclusive time:")
+    for function, n in total.most_common(top + 8):
+        print(f"  {pct(n)}  {function}")
+
+
+# --------------------------------------------------------------------------- report
+
+def rows(cases: list[Case], table: str, series: list[Series]) -> list[list[str]]:
+    out: list[list[str]] = []
+    for s in series:
+        base = next(c for c in cases if c.table == table and c.baseline)
+        base_s = statistics.median(base.seconds[s.name])
+        for case in (c for c in cases if c.table == table):
+            values = case.seconds[s.name]
+            med = statistics.median(values)
+            out.append([
+                s.name, case.label, str(s.count), f"{s.size_bytes / 1e6:.1f}",
+                " / ".join(f"{v:.2f}" for v in values), f"{med:.2f}",
+                f"{s.count / med:.0f}", f"{s.size_bytes / 1e6 / med:.1f}",
+                f"{base_s / med:.2f}×",
+            ])
+    return out
+
+
+HEADER = ["series", "receiver", "instances", "MB", "runs (s)", "median (s)",
+          "instances/s", "MB/s", "vs storescp"]
+TITLES = {
+    "main": "storescu and storescp with TCP_NODELAY=1",
+    "stock": "stock storescu (no TCP_NODELAY); ratio against storescp with TCP_NODELAY=1",
+}
+
+
+def print_table(title: str, body: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [HEADER, *body]) for i in range(len(HEADER))]
+    print(f"\n{title}")
+    line = "  ".join(h.ljust(w) if i < 2 else h.rjust(w)
+                     for i, (h, w) in enumerate(zip(HEADER, widths, strict=True)))
+    print(line)
+    print("-" * len(line))
+    for r in body:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+
+
+def markdown(tables: dict[str, list[list[str]]], notes: list[str]) -> str:
+    parts: list[str] = []
+    for table, body in tables.items():
+        parts.append(f"{TITLES[table]}:\n")
+        parts.append("| " + " | ".join(HEADER) + " |")
+        parts.append("|" + "---|" * 2 + "---:|" * (len(HEADER) - 2))
+        parts.extend("| " + " | ".join(r) + " |" for r in body)
+        parts.append("")
+    parts.extend(notes)
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--input", type=Path, default=None,
+                        help=f"series to send as the large case [{REAL_CT}]")
+    parser.add_argument("--small-count", type=int, default=1000,
+                        help="synthetic 64×64 CT instances in the small case (0: none)")
+    parser.add_argument("--stock-small-count", type=int, default=200,
+                        help="instances of the small case sent by the stock storescu "
+                        "(the first N; 0: all)")
+    parser.add_argument("--no-stock", action="store_true",
+                        help="skip the second table (stock storescu)")
+    parser.add_argument("--markdown", nargs="?", const="-", default=None, metavar="FILE",
+                        help="also write the tables as markdown to FILE (no FILE: stdout)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                        help="also profile radnode receiving each series with py-spy "
+                        "(raw stacks: FILE for the first, FILE-1 etc. for the others)")
+    parser.add_argument("--profile-rate", type=int, default=200)
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where receivers write [a new temporary folder]")
+    args = parser.parse_args()
+
+    for tool, name in ((STORESCU, "storescu"), (STORESCP, "storescp"), (ECHOSCU, "echoscu")):
+        if tool is None:
+            raise SystemExit(f"{name} not found: install dcmtk")
+    with_orthanc = shutil.which("Orthanc") is not None
+    if not with_orthanc:
+        print("note: Orthanc is not on PATH; its row is skipped")
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="radnode-ingest-", dir=args.work_dir) as tmp:
+        work = Path(tmp)
+        large_dir = args.input or REAL_CT
+        if not large_dir.is_dir():
+            raise SystemExit(f"{large_dir} not found; pass --input DIR")
+        series = [describe_series(large_dir.name if args.input else "CT 512×512", large_dir)]
+        if args.small_count > 0:
+            write_small_series(work / "small", args.small_count)
+            series.append(describe_series("CT 64×64", work / "small"))
+        for s in series:
+            print(f"series {s.name}: {s.count} instances, {s.size_bytes / 1e6:.1f} MB "
+                  f"({s.folder})")
+
+        # The stock table's small case is a prefix of the small series: with Nagle on, every
+        # instance costs ~40-90 ms whatever the receiver, so more instances add only minutes.
+        per_table = {"main": series, "stock": list(series)}
+        if args.small_count > 0 and 0 < args.stock_small_count < args.small_count:
+            subset = work / "small-stock"
+            subset.mkdir()
+            for path in sorted((work / "small").glob("*.dcm"))[:args.stock_small_count]:
+                shutil.copy2(path, subset / path.name)
+            per_table["stock"][1] = describe_series("CT 64×64", subset)
+
+        cases = [c for c in build_cases(with_orthanc) if not (args.no_stock and c.table == "stock")]
+        for case in cases:
+            case.seconds = {s.name: [] for s in per_table[case.table]}
+        # Repeats outermost, so that a drift in the machine's speed hits every row alike.
+        for rep in range(args.repeats):
+            for n in range(len(series)):
+                for i, case in enumerate(cases):
+                    s = per_table[case.table][n]
+                    seconds = run_case(case, s, work, f"r{rep}-c{i}")
+                    case.seconds[s.name].append(seconds)
+                    print(f"  repeat {rep + 1}: {s.name:<12} {s.count:5d} {case.table:<5} "
+                          f"{case.label:<26} {seconds:6.2f} s", flush=True)
+
+        tables = {t: rows(cases, t, per_table[t])
+                  for t in dict.fromkeys(c.table for c in cases)}
+        for table, body in tables.items():
+            print_table(TITLES[table], body)
+        notes = [
+            f"Seconds from storescu's start to its exit, median of {args.repeats}; "
+            "MB = 10^6 bytes of the sent files; vs storescp = receiver's throughput / "
+            "storescp's (same table).",
+        ]
+        if not with_orthanc:
+            notes.append("Orthanc was not on PATH: no Orthanc row.")
+        print()
+        for note in notes:
+            print(note)
+        if args.markdown is not None:
+            text = markdown(tables, notes)
+            if args.markdown == "-":
+                print("\n" + text, end="")
+            else:
+                Path(args.markdown).write_text(text)
+                print(f"markdown written to {args.markdown}")
+        if args.profile is not None:
+            for n, s in enumerate(series):
+                out = args.profile if n == 0 else args.profile.with_name(
+                    f"{args.profile.stem}-{n}{args.profile.suffix}")
+                profile_radnode(s, work, out, args.profile_rate)
+    print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchmarkError as exc:
+        raise SystemExit(f"FAILED: {exc}") from None
