@@ -25,6 +25,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_temporary(target: Path, data: bytes) -> Path:
+    """Write ``data`` to a new temporary file beside ``target`` and fsync it.
+
+    Returns
+    -------
+    pathlib.Path
+        The temporary file (``.incoming-*.tmp``); hand it to
+        :func:`move_into_place`, or delete it.
+
+    Raises
+    ------
+    OSError
+        If it cannot be written; nothing is left behind.
+    """
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=".incoming-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return Path(tmp_name)
+
+
+def move_into_place(temporary: Path, target: Path, root: Path | None = None) -> None:
+    """Rename a fsynced temporary file over ``target`` atomically and fsync the directories.
+
+    The directories from ``target``'s parent up to ``root`` (exclusive) are
+    fsynced too, so that new directory entries survive a power loss.
+
+    Raises
+    ------
+    OSError
+        If the rename or an fsync fails; the caller decides whether ``target``
+        must be removed (it may already be in place).
+    """
+    os.replace(temporary, target)
+    for directory in [target.parent, *target.parent.parents]:
+        if root is not None and (directory == root or not directory.is_relative_to(root)):
+            break
+        _fsync_dir(directory)
+        if root is None:
+            break
+
+
 def write_durably(target: Path, data: bytes) -> int:
     """Write ``data`` to ``target`` so that it survives a crash or power loss.
 
@@ -49,21 +98,10 @@ def write_durably(target: Path, data: bytes) -> int:
     OSError
         If the file cannot be written (disk full, permissions).
     """
-    parent = target.parent
-    new_dirs = not parent.exists()
-    parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=".incoming-", suffix=".tmp")
+    temporary = write_temporary(target, data)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
+        move_into_place(temporary, target)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
-    _fsync_dir(parent)
-    if new_dirs:
-        _fsync_dir(parent.parent)
-        _fsync_dir(parent.parent.parent)
     return len(data)

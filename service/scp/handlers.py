@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db import repository
 from service.db.session import utcnow
 from service.dicom import spool
+from service.dicom.inspect import check_complete
 from service.dicom.uids import require_uid
 from service.errors import InvalidInstanceError
 
@@ -163,83 +164,114 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     request: Any = event.request  # a C_STORE primitive for EVT_C_STORE
     try:
-        sop_instance_uid = require_uid(request.AffectedSOPInstanceUID, "SOP Instance UID")
-        sop_class_uid = require_uid(request.AffectedSOPClassUID, "SOP Class UID")
-        try:
-            dataset = event.dataset
-            study_uid_raw: Any = dataset.get("StudyInstanceUID")
-            series_uid_raw: Any = dataset.get("SeriesInstanceUID")
-            ds_sop_instance: Any = dataset.get("SOPInstanceUID")
-            ds_sop_class: Any = dataset.get("SOPClassUID")
-            modality = str(dataset.get("Modality", "") or "")[:16]
-            expected = _positive_int(dataset.get("ImagesInAcquisition"))
-        except Exception as exc:  # pydicom raises many types on bad bytes
-            raise InvalidInstanceError(
-                f"cannot parse data set: {type(exc).__name__}", CANNOT_UNDERSTAND
-            ) from exc
-        study_uid = require_uid(study_uid_raw, "Study Instance UID")
-        series_uid = require_uid(series_uid_raw, "Series Instance UID")
-        if ds_sop_instance is not None and str(ds_sop_instance) != sop_instance_uid:
-            raise InvalidInstanceError(
-                "SOP Instance UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS
-            )
-        if ds_sop_class is not None and str(ds_sop_class) != sop_class_uid:
-            raise InvalidInstanceError(
-                "SOP Class UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS
-            )
+        fields = _read_fields(event, request)
     except InvalidInstanceError as exc:
         log.warning("C-STORE refused from AE %s: %s (status 0x%04X)", calling_ae, exc, exc.status)
         return _status(exc.status, str(exc))
+    sop_instance_uid = fields.sop_instance_uid
 
+    relative = spool.relative_path(fields.study_uid, fields.series_uid, sop_instance_uid)
+    target = context.spool_dir / relative
+    temporary: Path | None = None
+    in_place = False
     try:
         with context.session_factory() as session:
+            # Fast path for a duplicate; a concurrent one is caught by the insert below.
             if repository.instance_exists(sop_instance_uid, session=session):
                 repository.count_duplicate(sop_instance_uid, session=session)
                 session.commit()
                 log.info("duplicate SOP Instance UID %s from AE %s: kept the first copy",
                          sop_instance_uid, calling_ae)
                 return SUCCESS
-    except SQLAlchemyError as exc:
-        log.error("database error before storing %s: %s", sop_instance_uid, type(exc).__name__)
-        return _status(OUT_OF_RESOURCES, "database unavailable")
-
-    relative = spool.relative_path(study_uid, series_uid, sop_instance_uid)
-    target = context.spool_dir / relative
-    encoded = event.encoded_dataset(include_meta=True)
-    try:
-        if not context.has_room_for(len(encoded)):
-            return _status(OUT_OF_RESOURCES, "spool below its free-space reserve")
-        size = spool.write_durably(target, encoded)
-    except OSError as exc:
-        log.error("cannot write %s to the spool: %s", sop_instance_uid, exc.strerror)
-        return _status(OUT_OF_RESOURCES, "cannot write to the spool")
-
-    try:
-        with context.session_factory() as session:
+            session.rollback()
+            encoded = event.encoded_dataset(include_meta=True)
+            if not context.has_room_for(len(encoded)):
+                return _status(OUT_OF_RESOURCES, "spool below its free-space reserve")
+            temporary = spool.write_temporary(target, encoded)
             new = repository.record_instance(
                 session=session,
-                study_instance_uid=study_uid,
-                series_instance_uid=series_uid,
+                study_instance_uid=fields.study_uid,
+                series_instance_uid=fields.series_uid,
                 sop_instance_uid=sop_instance_uid,
-                sop_class_uid=sop_class_uid,
+                sop_class_uid=fields.sop_class_uid,
                 transfer_syntax_uid=str(event.context.transfer_syntax),
-                modality=modality,
+                modality=fields.modality,
                 path=relative,
-                size_bytes=size,
+                size_bytes=len(encoded),
                 calling_ae_title=calling_ae[:16],
                 received_at=utcnow(),
-                expected_count=expected,
+                expected_count=fields.expected_count,
             )
+            if new:
+                # The row is inserted but not committed: a concurrent store of the
+                # same SOP Instance UID waits on it, so this rename cannot race.
+                in_place = True
+                spool.move_into_place(temporary, target, root=context.spool_dir)
             session.commit()
-    except SQLAlchemyError as exc:
-        # Not recorded: remove the file so that no unrecorded data is left.
-        target.unlink(missing_ok=True)
-        log.error("cannot record %s: %s", sop_instance_uid, type(exc).__name__)
-        return _status(OUT_OF_RESOURCES, "cannot record the instance")
-    context.touch(event, series_uid)
+    except (OSError, SQLAlchemyError) as exc:
+        if in_place:
+            target.unlink(missing_ok=True)  # renamed but not recorded: never acknowledged
+        reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
+        log.error("cannot store %s from AE %s: %s", sop_instance_uid, calling_ae, reason)
+        return _status(OUT_OF_RESOURCES, "cannot write or record the instance")
+    finally:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)  # gone already if it was renamed
+    context.touch(event, fields.series_uid)
     if not new:
         log.info("duplicate SOP Instance UID %s from AE %s (concurrent): kept the first copy",
                  sop_instance_uid, calling_ae)
     else:
-        log.debug("stored %s (series %s) from AE %s", sop_instance_uid, series_uid, calling_ae)
+        log.debug("stored %s (series %s) from AE %s", sop_instance_uid, fields.series_uid,
+                  calling_ae)
     return SUCCESS
+
+
+@dataclass(frozen=True)
+class _Fields:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    expected_count: int | None
+
+
+def _uid_element(dataset: Dataset, keyword: str, what: str) -> str:
+    element = dataset.get(keyword) if keyword in dataset else None
+    if element is None:
+        raise InvalidInstanceError(f"{what} is missing", CANNOT_UNDERSTAND)
+    if dataset[keyword].VR != "UI":
+        raise InvalidInstanceError(f"{what} is not encoded as UI", CANNOT_UNDERSTAND)
+    return require_uid(element, what)
+
+
+def _read_fields(event: evt.Event, request: Any) -> _Fields:
+    """Validate the request and the few attributes the node needs; raise if unusable."""
+    sop_instance_uid = require_uid(request.AffectedSOPInstanceUID, "SOP Instance UID")
+    sop_class_uid = require_uid(request.AffectedSOPClassUID, "SOP Class UID")
+    if sop_class_uid != str(event.context.abstract_syntax):
+        raise InvalidInstanceError(
+            "SOP Class differs from the presentation context", DATASET_DOES_NOT_MATCH_SOP_CLASS)
+    check_complete(request.DataSet.getvalue(), event.context.transfer_syntax)
+    try:
+        dataset = event.dataset
+        study_uid = _uid_element(dataset, "StudyInstanceUID", "Study Instance UID")
+        series_uid = _uid_element(dataset, "SeriesInstanceUID", "Series Instance UID")
+        ds_sop_instance: Any = dataset.get("SOPInstanceUID")
+        ds_sop_class: Any = dataset.get("SOPClassUID")
+        modality = str(dataset.get("Modality", "") or "")[:16]
+        expected = _positive_int(dataset.get("ImagesInAcquisition"))
+    except InvalidInstanceError:
+        raise
+    except Exception as exc:  # pydicom raises many types on bad bytes
+        raise InvalidInstanceError(
+            f"cannot parse data set: {type(exc).__name__}", CANNOT_UNDERSTAND
+        ) from exc
+    if ds_sop_instance is not None and str(ds_sop_instance) != sop_instance_uid:
+        raise InvalidInstanceError(
+            "SOP Instance UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS)
+    if ds_sop_class is not None and str(ds_sop_class) != sop_class_uid:
+        raise InvalidInstanceError(
+            "SOP Class UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS)
+    return _Fields(sop_instance_uid, sop_class_uid, study_uid, series_uid, modality, expected)

@@ -526,10 +526,6 @@ def test_truncated_data_set_is_refused(lab: Lab, source: str, where: str) -> Non
     assert_refused(lab.node, lab.send(part), part, 0xC000)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG service/scp/handlers.py handle_store: a data set cut inside an element is answered "
-    "0x0000 and stored; pydicom's read_dataset stops silently at the end of the stream, so "
-    "the 'cannot parse' branch (0xC000) never fires"))
 @pytest.mark.parametrize(("source", "where"), [
     (CT_SMALL, "inside Pixel Data"),
     (CT_SMALL, "inside an element header"),
@@ -560,9 +556,6 @@ def test_wrong_vr_on_the_study_uid_is_refused(lab: Lab, vr: bytes) -> None:
     assert_refused(lab.node, lab.send(part), part, 0xC000)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG service/scp/handlers.py handle_store: the Study Instance UID is checked as text "
-    "only; encoded with VR DS (or another text VR) it is answered 0x0000 and stored"))
 def test_text_vr_on_the_study_uid_is_refused(lab: Lab) -> None:
     part = _with_vr(lab.part(CT_SMALL), STUDY_UID, b"DS")
     status = lab.send(part)
@@ -615,10 +608,6 @@ def test_data_set_sop_instance_differs_from_the_request(lab: Lab) -> None:
     assert_refused(lab.node, lab.send(part), part, 0xA900)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG service/scp/handlers.py handle_store: request.AffectedSOPClassUID is never compared "
-    "with event.context.abstract_syntax (nor does pynetdicom); an MR data set sent as MR on "
-    "the CT Image Storage context is answered 0x0000 and stored"))
 def test_request_sop_class_differs_from_the_context(lab: Lab) -> None:
     part = lab.part(MR_SMALL)
     assert part.syntax == ExplicitVRLittleEndian
@@ -847,11 +836,6 @@ def test_every_odd_real_file_is_stored(lab: Lab) -> None:
 # --------------------------------------------------------------------------- found on the way
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG service/scp/handlers.py handle_store: two C-STOREs of one SOP Instance UID that both "
-    "pass instance_exists() (concurrent associations) both write; the second is then counted "
-    "a duplicate but its file is neither removed nor recorded (another series: an orphan "
-    "file; same series: it replaced the first copy, which the row describes)"))
 @pytest.mark.parametrize("same_series", [False, True], ids=["other series", "same series"])
 def test_concurrent_duplicate_leaves_no_orphan_file(
     own_lab: Lab, monkeypatch: pytest.MonkeyPatch, same_series: bool
@@ -880,10 +864,6 @@ def test_concurrent_duplicate_leaves_no_orphan_file(
     assert_consistent(lab.node)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG service/dicom/spool.py write_durably: an OSError from _fsync_dir() after os.replace() "
-    "makes handle_store answer 0xA700 'cannot write to the spool', but the file is already "
-    "in place and is neither removed nor recorded (a file without a row)"))
 def test_failed_directory_fsync_leaves_no_unrecorded_file(
     own_lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
