@@ -182,7 +182,10 @@ class Node:
             self._server = None
             server.shutdown()  # stops accepting and closes the listening socket
             deadline = time.monotonic() + self.settings.dicom.drain_timeout_s
-            while server.active_associations and time.monotonic() < deadline:
+            # Connections that never completed association negotiation do not hold
+            # the drain (a port probe, a peer that sends nothing): they are aborted.
+            while (any(a.is_established for a in server.active_associations)
+                   and time.monotonic() < deadline):
                 time.sleep(0.1)
             for assoc in server.active_associations:
                 log.warning("drain timeout: aborting association with AE %s",

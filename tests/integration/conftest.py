@@ -92,8 +92,9 @@ def storescp_pacs(tmp_path: Path) -> Iterator[Peer]:
 
 
 def start_node(tmp_path: Path, *extra: str, quiet_period: float = 2.0,
-               destinations: tuple[str, ...] = ()) -> Peer:
-    port = free_port()
+               destinations: tuple[str, ...] = (), env: dict[str, str] | None = None,
+               port: int | None = None) -> Peer:
+    port = port or free_port()
     data = tmp_path / "node"
     log = tmp_path / "node.log"
     cmd = [sys.executable, "-m", "service.cli", "serve", "--ae-title", "RADNODE",
@@ -101,9 +102,9 @@ def start_node(tmp_path: Path, *extra: str, quiet_period: float = 2.0,
            "--quiet-period", str(quiet_period), *extra]
     for destination in destinations:
         cmd += ["--destination", destination]
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, env={**os.environ, **(env or {})})
     try:
         wait_for_port(port, process)
     except Exception:

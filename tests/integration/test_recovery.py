@@ -1,0 +1,224 @@
+"""Faults with real processes: SIGKILL of the node and of a worker, a broker that lost its
+messages, a full disk, SIGTERM while a scanner sends. Nothing acknowledged may be lost, and
+every series is analysed and delivered exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from service.dicom.phantom import write_ct_phantom
+from tests.integration.conftest import Peer, require_tool, start_node, stop
+
+pytestmark = pytest.mark.integration
+
+
+def query(node_dir: Path, sql: str) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(f"file:{node_dir / 'radnode.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str,
+               log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except sqlite3.OperationalError:
+            pass  # database not created yet
+        time.sleep(0.1)
+    detail = log.read_text(errors="replace")[-4000:] if log else ""
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{detail}")
+
+
+def storescu(port: int, folder: Path, *extra: str) -> subprocess.Popen[str]:
+    exe = require_tool("storescu")
+    return subprocess.Popen(
+        [exe, "-aet", "SCANNER", "-aec", "RADNODE", *extra, "+sd", "+sp", "*.dcm",
+         "127.0.0.1", str(port), str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def pacs_results(folder: Path) -> dict[str, str]:
+    """SOP Instance UID -> Modality of every object the PACS holds."""
+    found = {}
+    for path in folder.iterdir():
+        if not path.name.startswith("."):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            found[str(ds.SOPInstanceUID)] = str(ds.Modality)
+    return found
+
+
+def spool_is_consistent(node_dir: Path) -> int:
+    """Every recorded instance has its file, no file lacks a row, no partial file; count."""
+    spool = node_dir / "spool"
+    recorded = {path for (path,) in query(node_dir, "select path from instances")}
+    on_disk = {str(p.relative_to(spool)) for p in spool.rglob("*.dcm")}
+    assert recorded <= on_disk, "an acknowledged instance is missing from the spool"
+    assert on_disk <= recorded, "a file in the spool has no row"
+    assert not list(spool.rglob(".incoming-*")), "a partial file was left behind"
+    return len(recorded)
+
+
+def worker_pids(node_dir: Path) -> list[int]:
+    config = str(node_dir / "run" / "worker-config.yaml")
+    run = subprocess.run(["pgrep", "-f", config], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in run.stdout.split()]
+
+
+def test_sigkill_node_mid_transfer_then_restart(
+    tmp_path: Path, ct_series_dir: Path, storescp_pacs: Peer
+) -> None:
+    node = start_node(tmp_path, destinations=(storescp_pacs.address,))
+    sender = storescu(node.port, ct_series_dir)
+    try:
+        wait_until(lambda: query(node.folder, "select count(*) from instances")[0][0] >= 30,
+                   60, "30 instances stored", node.log)
+        os.killpg(node.process.pid, signal.SIGKILL)
+        node.process.wait()
+        sender.wait(timeout=60)
+    finally:
+        stop(node.process)
+        if sender.poll() is None:
+            sender.kill()
+    acknowledged = spool_is_consistent(node.folder)
+    assert 30 <= acknowledged < 134
+    # The embedded worker followed its node (PR_SET_PDEATHSIG), no orphan left.
+    wait_until(lambda: not worker_pids(node.folder), 20, "the orphaned worker to exit")
+
+    restarted = start_node(tmp_path, destinations=(storescp_pacs.address,))
+    try:
+        assert not list((restarted.folder / "spool").rglob(".incoming-*"))
+        resend = storescu(restarted.port, ct_series_dir)  # the scanner sends the series again
+        assert resend.wait(timeout=300) == 0, resend.stdout.read() if resend.stdout else ""
+        wait_until(lambda: len(pacs_results(storescp_pacs.folder)) == 2, 300,
+                   "SEG and SR in the PACS", restarted.log)
+        time.sleep(3)  # anything else the node would send arrives now
+    finally:
+        stop(restarted.process)
+    assert sorted(pacs_results(storescp_pacs.folder).values()) == ["SEG", "SR"]
+    assert spool_is_consistent(restarted.folder) == 134
+    assert query(restarted.folder, "select sum(duplicates) from instances") == [(acknowledged,)]
+    assert query(restarted.folder, "select state, count(*) from jobs group by state") == [
+        ("succeeded", 1)]
+    assert query(restarted.folder, "select state, count(*) from deliveries group by state") == [
+        ("sent", 2)]
+
+
+def test_sigkill_worker_mid_job(tmp_path: Path, ct_series_dir: Path, storescp_pacs: Peer) -> None:
+    lease = {"RADNODE_WORKER__HEARTBEAT_INTERVAL_S": "0.5",
+             "RADNODE_WORKER__HEARTBEAT_TIMEOUT_S": "4"}
+    node = start_node(tmp_path, destinations=(storescp_pacs.address,), env=lease)
+    try:
+        sender = storescu(node.port, ct_series_dir)
+        assert sender.wait(timeout=300) == 0
+        wait_until(lambda: query(node.folder, "select state from jobs") == [("running",)],
+                   120, "the job to run", node.log)
+        killed = worker_pids(node.folder)
+        assert killed
+        for pid in killed:  # the worker's main process and its pool child
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: len(pacs_results(storescp_pacs.folder)) == 2, 300,
+                   "SEG and SR in the PACS after the worker was killed", node.log)
+        time.sleep(3)
+        jobs = query(node.folder, "select state, attempts from jobs")
+        deliveries = query(node.folder, "select state, attempts from deliveries")
+        results = query(node.folder, "select kind, sop_instance_uid from results order by kind")
+    finally:
+        stop(node.process)
+    assert jobs == [("succeeded", 2)]  # run again once, by the restarted worker
+    assert deliveries == [("sent", 1), ("sent", 1)]
+    assert {uid for _, uid in results} == set(pacs_results(storescp_pacs.folder))
+    assert "lost its worker" in node.log.read_text()
+
+
+def test_broker_lost_its_messages(tmp_path: Path, storescp_pacs: Peer) -> None:
+    """The embedded broker's queue is wiped while a job waits; the sweeper publishes it again.
+
+    The worker runs as its own ``radnode worker`` process, as on a separate machine.
+    """
+    phantom = tmp_path / "phantom"
+    write_ct_phantom(phantom, slices=24, rows=96, columns=96)
+    env = {"RADNODE_WORKER__REPUBLISH_AFTER_S": "3"}
+    node = start_node(tmp_path, "--no-worker", quiet_period=1,
+                      destinations=(storescp_pacs.address,), env=env)
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        assert storescu(node.port, phantom).wait(timeout=120) == 0
+        wait_until(lambda: query(node.folder, "select state from jobs") == [("queued",)],
+                   60, "the job to be queued", node.log)
+        messages = list((node.folder / "broker" / "messages").glob("*.msg"))
+        assert len(messages) == 1
+        messages[0].unlink()  # the broker restarted without persistence
+        worker_env = {**os.environ, **env, "RADNODE_DATA_DIR": str(node.folder)}
+        with (tmp_path / "worker.log").open("wb") as out:
+            worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"],
+                                      env=worker_env, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        wait_until(lambda: len(pacs_results(storescp_pacs.folder)) == 2, 120,
+                   "SEG and SR in the PACS", node.log)
+        jobs = query(node.folder, "select state, attempts from jobs")
+    finally:
+        if worker is not None:
+            stop(worker)  # type: ignore[arg-type]
+        stop(node.process)
+    assert jobs == [("succeeded", 1)]
+    assert "publishing it again" in node.log.read_text()
+
+
+def test_disk_reserve_refuses_with_a700(tmp_path: Path, ct_series_dir: Path) -> None:
+    node = start_node(tmp_path, "--no-worker",
+                      env={"RADNODE_STORAGE__MIN_FREE_MB": str(1 << 40)})
+    try:
+        first = sorted(ct_series_dir.glob("*.dcm"))[0]
+        sent = subprocess.run(
+            [require_tool("storescu"), "-v", "-aet", "SCANNER", "-aec", "RADNODE",
+             "127.0.0.1", str(node.port), str(first)], capture_output=True, text=True, timeout=60,
+            check=False)
+        echo = subprocess.run(
+            [require_tool("echoscu"), "-aec", "RADNODE", "127.0.0.1", str(node.port)],
+            capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        stop(node.process)
+    assert sent.returncode != 0
+    assert "Refused: OutOfResources" in sent.stdout + sent.stderr  # 0xA700
+    assert echo.returncode == 0  # the node is still up
+    assert query(node.folder, "select count(*) from instances") == [(0,)]
+    assert not list((node.folder / "spool").rglob("*.dcm"))
+    assert "below the reserve" in node.log.read_text()
+
+
+def test_sigterm_drains_associations_in_flight(tmp_path: Path, ct_series_dir: Path) -> None:
+    node = start_node(tmp_path, "--no-worker", quiet_period=60)
+    sender = storescu(node.port, ct_series_dir)
+    try:
+        wait_until(lambda: query(node.folder, "select count(*) from instances")[0][0] >= 10,
+                   60, "10 instances stored", node.log)
+        node.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        late = subprocess.run(
+            [require_tool("echoscu"), "-aec", "RADNODE", "127.0.0.1", str(node.port)],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert sender.wait(timeout=120) == 0, sender.stdout.read() if sender.stdout else ""
+        assert node.process.wait(timeout=60) == 0
+    finally:
+        stop(node.process)
+        if sender.poll() is None:
+            sender.kill()
+    assert late.returncode != 0  # no new association once draining
+    assert spool_is_consistent(node.folder) == 134
