@@ -1,80 +1,21 @@
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import scheduler
-from service.config import CompletionSettings, Settings, load_settings
-from service.db import migrate, repository
+from service.config import CompletionSettings, Settings
+from service.db import repository
 from service.db.models import Job, Series
-from service.db.session import as_utc, make_engine, make_session_factory
+from service.db.session import as_utc
+from tests.unit.conftest import DESTINATIONS, T0, Clock, record
 
 QUIET_5S = CompletionSettings(quiet_period_s=5.0)
-T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-DESTINATIONS = ["PACS@10.0.0.5:104", "ARCHIVE@10.0.0.6:11112"]
-
-
-@pytest.fixture
-def session_factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'radnode.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture
-def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
-    for name in list(os.environ):
-        if name.upper().startswith("RADNODE_"):
-            monkeypatch.delenv(name)
-    return load_settings(data_dir=tmp_path, destinations=DESTINATIONS)
-
-
-class Clock:
-    """The scheduler's notion of "now", set by the test."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def at(self, seconds: float) -> None:
-        self.now = T0 + timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock(T0)
-    monkeypatch.setattr(scheduler, "utcnow", fake)
-    return fake
-
-
-def record(factory: sessionmaker[Session], *, series_uid: str, modality: str,
-           at: datetime, study_uid: str = "1.2.3", sop_uid: str | None = None) -> bool:
-    sop = sop_uid or generate_uid()
-    with factory() as session:
-        new = repository.record_instance(
-            session=session, study_instance_uid=study_uid, series_instance_uid=series_uid,
-            sop_instance_uid=sop,
-            sop_class_uid=CTImageStorage if modality == "CT" else MRImageStorage,
-            transfer_syntax_uid=ExplicitVRLittleEndian, modality=modality,
-            path=f"{study_uid}/{series_uid}/{sop}.dcm", size_bytes=1000,
-            calling_ae_title="MODALITY", received_at=at,
-        )
-        session.commit()
-    return new
 
 
 @pytest.fixture
