@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,7 +53,8 @@ def remove_interrupted_writes(*folders: Path) -> int:
     """
     removed = 0
     for folder in folders:
-        for partial in folder.rglob(".incoming-*.tmp"):
+        partials = [*folder.rglob(".incoming-*.tmp"), *folder.glob(".incoming/*")]
+        for partial in partials:
             partial.unlink(missing_ok=True)
             removed += 1
     if removed:
@@ -127,6 +129,11 @@ class Node:
         for folder in (s.data_dir, s.spool_dir, s.results_dir):
             folder.mkdir(parents=True, exist_ok=True)
         remove_interrupted_writes(s.spool_dir, s.results_dir)
+        # pynetdicom writes received data sets to temporary files: keep them on
+        # the spool's file system so that storing one is a rename, not a copy.
+        incoming = s.spool_dir / ".incoming"
+        incoming.mkdir(exist_ok=True)
+        tempfile.tempdir = str(incoming.resolve())
         if s.database.auto_upgrade:
             migrate.upgrade(s.database_url)
         engine = make_engine(s.database_url)

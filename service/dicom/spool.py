@@ -7,7 +7,9 @@ becomes part of a path, so nothing can be written outside the spool.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -51,6 +53,43 @@ def write_temporary(target: Path, data: bytes) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return Path(tmp_name)
+
+
+def adopt(received: Path, target: Path) -> Path:
+    """Take over a file received elsewhere as a fsynced temporary file beside ``target``.
+
+    The file is renamed when it is on the same file system (the node points
+    pynetdicom's temporary files at ``<spool>/.incoming``), else copied.
+
+    Returns
+    -------
+    pathlib.Path
+        The temporary file (``.incoming-*.tmp``); hand it to
+        :func:`move_into_place`, or delete it.
+
+    Raises
+    ------
+    OSError
+        If it can be neither renamed nor copied; nothing is left behind.
+    """
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=".incoming-", suffix=".tmp")
+    os.close(fd)
+    temporary = Path(tmp_name)
+    try:
+        try:
+            os.replace(received, temporary)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.copyfile(received, temporary)
+        with temporary.open("rb") as handle:
+            os.fsync(handle.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
 
 
 def move_into_place(temporary: Path, target: Path, root: Path | None = None) -> None:

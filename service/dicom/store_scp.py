@@ -14,7 +14,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import DicomSettings
 from service.dicom.net import set_tcp_nodelay
-from service.dicom.spool import write_durably
+from service.dicom.spool import adopt, move_into_place
 from service.dicom.uids import is_valid_uid
 from service.scp.server import build_ae
 
@@ -36,7 +36,8 @@ def start_folder_scp(
         uid = str(request.AffectedSOPInstanceUID)
         if not is_valid_uid(uid):
             return 0xC000
-        write_durably(folder / f"{uid}.dcm", event.encoded_dataset(include_meta=True))
+        target = folder / f"{uid}.dcm"
+        move_into_place(adopt(Path(event.dataset_path), target), target)
         return 0x0000
 
     ae = build_ae(DicomSettings(ae_title=ae_title, host=host, port=port))

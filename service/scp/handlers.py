@@ -1,11 +1,13 @@
 """C-ECHO and C-STORE handlers (DICOM PS3.4 Annex A and B).
 
-The C-STORE handler never decodes pixels and never runs a model: it reads the
-few attributes it needs, writes the peer's encoded bytes (with a File Meta
-header) durably to the spool, records the instance, and only then answers
-Success. Anything that prevents that answers a failure status with an Error
-Comment, logs the reason with UIDs and AE titles only, and leaves no partial
-file and no row behind.
+The C-STORE handler never decodes pixels and never runs a model. pynetdicom
+writes each data set to a temporary file as its fragments arrive (chunked
+receive: a large object never sits in memory whole); the handler checks its
+structure, reads the few attributes it needs, moves the file (the peer's
+encoded bytes with a File Meta header) durably into the spool, records the
+instance, and only then answers Success. Anything that prevents that answers
+a failure status with an Error Comment, logs the reason with UIDs and AE
+titles only, and leaves no partial file and no row behind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from sqlalchemy.exc import SQLAlchemyError
@@ -25,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db import repository
 from service.db.session import utcnow
 from service.dicom import spool
-from service.dicom.inspect import check_complete
+from service.dicom.inspect import check_complete, dataset_offset
 from service.dicom.uids import require_uid
 from service.errors import InvalidInstanceError
 
@@ -164,7 +167,8 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     request: Any = event.request  # a C_STORE primitive for EVT_C_STORE
     try:
-        fields = _read_fields(event, request)
+        received = Path(event.dataset_path)  # pynetdicom wrote it as it arrived
+        fields = _read_fields(event, request, received)
     except InvalidInstanceError as exc:
         log.warning("C-STORE refused from AE %s: %s (status 0x%04X)", calling_ae, exc, exc.status)
         return _status(exc.status, str(exc))
@@ -184,10 +188,10 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
                          sop_instance_uid, calling_ae)
                 return SUCCESS
             session.rollback()
-            encoded = event.encoded_dataset(include_meta=True)
-            if not context.has_room_for(len(encoded)):
+            size = received.stat().st_size
+            if not context.has_room_for(size):
                 return _status(OUT_OF_RESOURCES, "spool below its free-space reserve")
-            temporary = spool.write_temporary(target, encoded)
+            temporary = spool.adopt(received, target)
             new = repository.record_instance(
                 session=session,
                 study_instance_uid=fields.study_uid,
@@ -197,7 +201,7 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
                 transfer_syntax_uid=str(event.context.transfer_syntax),
                 modality=fields.modality,
                 path=relative,
-                size_bytes=len(encoded),
+                size_bytes=size,
                 calling_ae_title=calling_ae[:16],
                 received_at=utcnow(),
                 expected_count=fields.expected_count,
@@ -246,16 +250,24 @@ def _uid_element(dataset: Dataset, keyword: str, what: str) -> str:
     return require_uid(element, what)
 
 
-def _read_fields(event: evt.Event, request: Any) -> _Fields:
+#: The attributes the SCP reads from a data set; everything else stays unparsed.
+_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
+         "ImagesInAcquisition"]
+
+
+def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
     """Validate the request and the few attributes the node needs; raise if unusable."""
     sop_instance_uid = require_uid(request.AffectedSOPInstanceUID, "SOP Instance UID")
     sop_class_uid = require_uid(request.AffectedSOPClassUID, "SOP Class UID")
     if sop_class_uid != str(event.context.abstract_syntax):
         raise InvalidInstanceError(
             "SOP Class differs from the presentation context", DATASET_DOES_NOT_MATCH_SOP_CLASS)
-    check_complete(request.DataSet.getvalue(), event.context.transfer_syntax)
+    offset = dataset_offset(received)
+    with received.open("rb") as handle:
+        handle.seek(offset)
+        check_complete(handle, event.context.transfer_syntax)
     try:
-        dataset = event.dataset
+        dataset = dcmread(received, stop_before_pixels=True, specific_tags=_TAGS)
         study_uid = _uid_element(dataset, "StudyInstanceUID", "Study Instance UID")
         series_uid = _uid_element(dataset, "SeriesInstanceUID", "Series Instance UID")
         ds_sop_instance: Any = dataset.get("SOPInstanceUID")

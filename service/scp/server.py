@@ -12,7 +12,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -73,6 +73,9 @@ def build_ae(settings: DicomSettings) -> AE:
     settings : DicomSettings
         AE title, limits and timeouts (seconds).
     """
+    # Chunked receive (process-wide in pynetdicom): each C-STORE data set is
+    # written to a temporary file as it arrives, never held in memory whole.
+    _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu_size
