@@ -247,6 +247,18 @@ class Radnode(Receiver):
             return int(conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
 
 
+EATMYDATA = shutil.which("eatmydata")
+
+
+class RadnodeNoFsync(Radnode):
+    """radnode under eatmydata (fsync turned into a no-op): what durability costs."""
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        assert EATMYDATA is not None
+        cmd, env = super().command()
+        return [EATMYDATA, *cmd], env
+
+
 class Storescp(Receiver):
     def command(self) -> tuple[list[str], dict[str, str]]:
         assert STORESCP is not None
@@ -319,6 +331,12 @@ def build_cases(with_orthanc: bool) -> list[Case]:
         Case("main", Radnode, "radnode", "RADNODE", True),
         Case("main", Storescp, "storescp", "STORESCP", True, baseline=True),
     ]
+    if EATMYDATA is not None:
+        cases.append(Case("main", RadnodeNoFsync, "radnode, fsync off (eatmydata)", "RADNODE",
+                          True))
+    else:
+        print("note: eatmydata not installed; no row for radnode with fsync off "
+              "(apt-get install eatmydata)")
     if with_orthanc:
         cases.append(Case("main", Orthanc, "Orthanc", "ORTHANC", True))
     cases += [

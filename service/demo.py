@@ -204,24 +204,26 @@ def _drive(console: Console, files: list[Path], node: subprocess.Popen[bytes], n
     return 0
 
 
-def hop_timings(node_dir: Path, source_series_uid: str) -> dict[str, float]:
+def hop_timings(node_dir: Path, source_series_uid: str) -> tuple[dict[str, float], str]:
     """Seconds spent in each hop of the newest job of a series, from the node's database.
 
     Keys: ``receive`` (first → last instance), ``complete`` (last instance →
     series complete), ``queue`` (complete → job started), ``analyse`` (job
     started → SEG+SR written), ``deliver`` (written → last delivery
     acknowledged), ``end_to_end`` (last instance → last delivery
-    acknowledged), plus the worker's own step timings (``load_s`` …).
+    acknowledged), plus the worker's own step timings (``load_s`` …); and
+    why the series was judged complete (``series.completion_reason``).
     """
     factory = make_session_factory(make_engine(f"sqlite:///{node_dir / 'radnode.db'}"))
     out: dict[str, float] = {}
     with factory() as session:
         series = repository.series_by_uid(source_series_uid, session=session)
         if series is None:
-            return out
+            return out, "?"
+        reason = series.completion_reason or "?"
         jobs = repository.jobs_for_series(series.id, session=session)
         if not jobs:
-            return out
+            return out, reason
         job = jobs[-1]
         sent = [d.sent_at for r in repository.results_for_job(job.id, session=session)
                 for d in repository.deliveries_for_result(r.id, session=session) if d.sent_at]
@@ -242,7 +244,7 @@ def hop_timings(node_dir: Path, source_series_uid: str) -> dict[str, float]:
         for key, value in (job.timings or {}).items():
             if isinstance(value, float):
                 out[key] = value
-    return out
+    return out, reason
 
 
 def _summary(console: Console, seg: Dataset, sr: Dataset, files: list[Path], node_dir: Path,
@@ -260,22 +262,23 @@ def _summary(console: Console, seg: Dataset, sr: Dataset, files: list[Path], nod
     console.print(f"SEG {seg.SOPInstanceUID} ({len(seg.SegmentSequence)} segments) and "
                   f"SR {sr.SOPInstanceUID} are in the PACS folder {pacs_dir}")
 
-    hops = hop_timings(node_dir, str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID))
+    hops, reason = hop_timings(node_dir, str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID))
+    reason += f"; quiet period {quiet_period_s:g} s" if reason == "quiet_period" else ""
     timing = Table(title="Timings")
     timing.add_column("hop")
     timing.add_column("time", justify="right")
     for key, label in (
         ("receive", f"received ({len(files)} instances)"),
-        ("complete", f"→ series complete (quiet period {quiet_period_s:g} s)"),
+        ("complete", f"→ series complete ({reason})"),
         ("queue", "→ job started on the worker"),
         ("analyse", "→ analysed (load, model, SEG+SR encoded)"),
         ("deliver", "→ delivered to the PACS"),
         ("end_to_end", "last slice received → SEG+SR acknowledged"),
     ):
         timing.add_row(label, f"{hops[key]:.2f} s" if key in hops else "-")
-    if "end_to_end" in hops:
-        timing.add_row("  the same, minus the quiet period",
-                       f"{hops['end_to_end'] - quiet_period_s:.2f} s")
+    if "end_to_end" in hops and "complete" in hops:
+        timing.add_row("  the same, minus the wait for completion",
+                       f"{hops['end_to_end'] - hops['complete']:.2f} s")
     console.print(timing)
     steps = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in hops.items()
                       if k.endswith("_s"))

@@ -152,7 +152,7 @@ class Node:
             Loop("completion", lambda: (complete_and_route(s, factory),
                                         publish_pending(app, factory)), interval),
             Loop("delivery", lambda: deliver_due(s, factory), interval),
-            Loop("sweeper", lambda: sweep_jobs(app, s, factory),
+            Loop("sweeper", lambda: sweep_jobs(s, factory),
                  min(5.0, s.worker.heartbeat_timeout_s / 4)),
             Loop("retention", lambda: purge_due(s, factory), s.retention.check_interval_s),
         ]

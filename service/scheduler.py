@@ -1,8 +1,8 @@
-"""The node's background loops: series completion, job publishing, result delivery.
+"""The node's background loops: completion and publishing, the job sweeper, delivery.
 
-Both loops read their work from the database, so a restart loses nothing:
-a job row written but not yet published is published on the next tick, and a
-delivery that was due is tried again.
+Every loop reads its work from the database, so a restart loses nothing: a
+job row written but not yet published is published on the next tick, and a
+delivery that was due is tried again. Only :func:`publish_pending` publishes.
 """
 
 from __future__ import annotations
@@ -71,17 +71,18 @@ def publish_pending(app: Celery, session_factory: sessionmaker[Session]) -> int:
     return published
 
 
-def sweep_jobs(app: Celery, settings: Settings, session_factory: sessionmaker[Session]) -> int:
+def sweep_jobs(settings: Settings, session_factory: sessionmaker[Session]) -> int:
     """Recover jobs whose broker message or worker was lost; return how many were touched.
 
     * a ``running`` job whose lease (heartbeat) is older than
       ``worker.heartbeat_timeout_s`` lost its worker (killed, machine down):
-      it is ``queued`` and published again, or ``failed`` after
-      ``worker.max_attempts`` attempts;
+      it goes back to ``pending`` (published again by :func:`publish_pending`),
+      or ``failed`` after ``worker.max_attempts`` attempts;
     * a ``queued`` job not started ``worker.republish_after_s`` after it was
       published may have lost its message (broker restarted without
-      persistence): it is published again. A duplicate message is harmless,
-      since a worker only runs a job it can claim (:func:`repository.claim_job`).
+      persistence): it goes back to ``pending`` too. A duplicate message is
+      harmless, since a worker only runs a job it can claim
+      (:func:`repository.claim_job`).
     """
     cfg = settings.worker
     now = utcnow()
@@ -107,8 +108,6 @@ def sweep_jobs(app: Celery, settings: Settings, session_factory: sessionmaker[Se
             log.warning("job %d queued %g s ago and not started: publishing it again",
                         job.id, cfg.republish_after_s)
         session.commit()
-    if touched:
-        publish_pending(app, session_factory)
     return touched
 
 

@@ -27,6 +27,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temporary_beside(target: Path) -> Path:
+    """Create an empty ``.incoming-*.tmp`` file in ``target``'s directory (made if missing)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def write_temporary(target: Path, data: bytes) -> Path:
     """Write ``data`` to a new temporary file beside ``target`` and fsync it.
 
@@ -41,18 +54,14 @@ def write_temporary(target: Path, data: bytes) -> Path:
     OSError
         If it cannot be written; nothing is left behind.
     """
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=".incoming-", suffix=".tmp")
+    temporary = _temporary_beside(target)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        temporary.write_bytes(data)
+        _fsync_file(temporary)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
-    return Path(tmp_name)
+    return temporary
 
 
 def adopt(received: Path, target: Path) -> Path:
@@ -72,11 +81,7 @@ def adopt(received: Path, target: Path) -> Path:
     OSError
         If it can be neither renamed nor copied; nothing is left behind.
     """
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=".incoming-", suffix=".tmp")
-    os.close(fd)
-    temporary = Path(tmp_name)
+    temporary = _temporary_beside(target)
     try:
         try:
             os.replace(received, temporary)
@@ -84,8 +89,7 @@ def adopt(received: Path, target: Path) -> Path:
             if exc.errno != errno.EXDEV:
                 raise
             shutil.copyfile(received, temporary)
-        with temporary.open("rb") as handle:
-            os.fsync(handle.fileno())
+        _fsync_file(temporary)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

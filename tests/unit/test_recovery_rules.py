@@ -136,11 +136,13 @@ def test_sweeper_requeues_lost_and_unstarted_jobs(
     unstarted = _job(session_factory, "queued", queued_at=T0)
     app = FakeCelery()
     clock.at(120)  # heartbeat timeout 60 s, republish after 300 s
-    assert scheduler.sweep_jobs(app, settings, session_factory) == 2  # type: ignore[arg-type]
+    assert scheduler.sweep_jobs(settings, session_factory) == 2
+    assert scheduler.publish_pending(app, session_factory) == 1  # type: ignore[arg-type]
     assert [args for _, args, _ in app.sent] == [[lost]]
     clock.at(400)
     app.sent.clear()
-    scheduler.sweep_jobs(app, settings, session_factory)  # type: ignore[arg-type]
+    assert scheduler.sweep_jobs(settings, session_factory) == 2
+    scheduler.publish_pending(app, session_factory)  # type: ignore[arg-type]
     assert sorted(args[0] for _, args, _ in app.sent) == sorted([unstarted, fresh])
     with session_factory() as session:
         states = {job_id: session.get(Job, job_id).state  # type: ignore[union-attr]
