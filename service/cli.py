@@ -163,6 +163,38 @@ def db_upgrade(config_file: Path | None, data_dir: Path | None, revision: str) -
     click.echo(f"database at revision {revision}")
 
 
+@main.command()
+@config_option
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--limit", default=20, show_default=True, help="How many jobs, newest first.")
+def jobs(config_file: Path | None, data_dir: Path | None, limit: int) -> None:
+    """Show recent jobs: series, why it was complete, state, attempts, deliveries, error."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.db import repository
+    from service.db.session import make_engine, make_session_factory
+
+    settings = _settings(config_file, data_dir=data_dir)
+    table = Table(title=f"radnode jobs ({settings.database_url.split('://')[0]})")
+    for column in ("job", "series (UID)", "mod.", "inst.", "complete", "model", "state",
+                   "tries", "delivered", "error"):
+        table.add_column(column, overflow="fold")
+    factory = make_session_factory(make_engine(settings.database_url))
+    with factory() as session:
+        for job in repository.recent_jobs(session=session, limit=limit):
+            deliveries = [d for r in job.results for d in r.deliveries]
+            sent = sum(d.state == "sent" for d in deliveries)
+            state = job.state if job.state != "failed" else f"[red]{job.state}[/]"
+            table.add_row(
+                str(job.id), job.series.series_instance_uid, job.series.modality,
+                str(job.series.instance_count), job.series.completion_reason or "-",
+                job.model_name, state, str(job.attempts), f"{sent}/{len(deliveries)}",
+                (job.error or "")[:200],
+            )
+    Console().print(table)
+
+
 @main.group()
 def config() -> None:
     """Configuration commands."""

@@ -300,3 +300,8 @@ def deliveries_for_result(result_id: int, *, session: Session) -> list[Delivery]
             select(Delivery).where(Delivery.result_id == result_id).order_by(Delivery.id)
         )
     )
+
+
+def recent_jobs(*, session: Session, limit: int = 20) -> list[Job]:
+    """The newest jobs first, with their series loaded."""
+    return list(session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)))

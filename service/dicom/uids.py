@@ -39,3 +39,13 @@ def require_uid(value: object, what: str) -> str:
     if not is_valid_uid(text):
         raise InvalidInstanceError(f"{what} is not a valid UID (PS3.5 9.1)", 0xC000)
     return text
+
+
+def printable(value: object, limit: int = 64) -> str:
+    """``value`` as printable ASCII for a log line: other characters become ``?``.
+
+    AE titles and other strings from the network may carry control characters
+    (a forged line break in a log, say); this keeps log lines single and honest.
+    """
+    text = str(value)[:limit]
+    return "".join(c if " " <= c <= "~" else "?" for c in text).strip()

@@ -29,7 +29,7 @@ from service.db import repository
 from service.db.session import utcnow
 from service.dicom import spool
 from service.dicom.inspect import check_complete, dataset_offset
-from service.dicom.uids import require_uid
+from service.dicom.uids import printable, require_uid
 from service.errors import InvalidInstanceError
 
 log = logging.getLogger("radnode.scp")
@@ -121,7 +121,7 @@ def handle_released(event: evt.Event, context: StoreContext) -> None:
     """
     series = context.forget(event)
     log.info("association released: calling AE %s, %d series",
-             event.assoc.requestor.ae_title, len(series))
+             printable(event.assoc.requestor.ae_title, 16), len(series))
     if not series:
         return
     try:
@@ -135,12 +135,13 @@ def handle_released(event: evt.Event, context: StoreContext) -> None:
 def handle_aborted(event: evt.Event, context: StoreContext) -> None:
     """``EVT_ABORTED``: forget the association; its series wait for the quiet period."""
     context.forget(event)
-    log.warning("association aborted: calling AE %s", event.assoc.requestor.ae_title)
+    log.warning("association aborted: calling AE %s",
+                printable(event.assoc.requestor.ae_title, 16))
 
 
 def handle_echo(event: evt.Event) -> int:
     """Answer C-ECHO with Success (DICOM PS3.7 9.3.5)."""
-    log.info("C-ECHO from AE %s", event.assoc.requestor.ae_title)
+    log.info("C-ECHO from AE %s", printable(event.assoc.requestor.ae_title, 16))
     return SUCCESS
 
 
@@ -164,7 +165,7 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
         data set's SOP Class/Instance UID differ from the request's, 0xA700
         when it cannot be written or recorded.
     """
-    calling_ae = str(event.assoc.requestor.ae_title).strip()
+    calling_ae = printable(event.assoc.requestor.ae_title, 16)
     request: Any = event.request  # a C_STORE primitive for EVT_C_STORE
     try:
         received = Path(event.dataset_path)  # pynetdicom wrote it as it arrived

@@ -18,6 +18,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import DicomSettings
 from service.dicom.net import set_tcp_nodelay
+from service.dicom.uids import printable
 from service.scp.handlers import (
     StoreContext,
     handle_aborted,
@@ -61,8 +62,8 @@ STORAGE_TRANSFER_SYNTAXES = [str(ts) for ts in sorted(AllTransferSyntaxes, key=_
 
 def _on_accepted(event: evt.Event) -> None:
     requestor = event.assoc.requestor
-    log.info("association accepted: calling AE %s from %s:%s", requestor.ae_title,
-             requestor.address, requestor.port)
+    log.info("association accepted: calling AE %s from %s:%s",
+             printable(requestor.ae_title, 16), requestor.address, requestor.port)
 
 
 def build_ae(settings: DicomSettings) -> AE:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -78,3 +81,10 @@ def test_series_without_geometry_fails_with_a_clear_reason(
         assert session.query(Result).count() == 0
     # The data is kept.
     assert len(list(settings.spool_dir.rglob("*.dcm"))) == len(files)
+    # And the reason is shown to the operator.
+    shown = subprocess.run(
+        [sys.executable, "-m", "service.cli", "jobs", "--data-dir", str(settings.data_dir)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "COLUMNS": "400"})
+    assert shown.returncode == 0, shown.stderr
+    assert "failed" in shown.stdout and "VolumeError" in shown.stdout
