@@ -185,6 +185,7 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
             if repository.instance_exists(sop_instance_uid, session=session):
                 repository.count_duplicate(sop_instance_uid, session=session)
                 session.commit()
+                context.touch(event, fields.series_uid)
                 log.info("duplicate SOP Instance UID %s from AE %s: kept the first copy",
                          sop_instance_uid, calling_ae)
                 return SUCCESS
