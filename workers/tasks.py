@@ -122,9 +122,11 @@ def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmak
                  hostname: str = "") -> str:
     """Run job ``job_id``: load the series, run its model, write SEG and SR.
 
+    The job runs only if this worker can claim it (``pending``/``queued``, or
+    ``running`` with a stale lease: its worker was lost), so a duplicate or
+    redelivered message is dropped. While it runs, a thread renews its lease.
     The outcome is recorded on the job row: ``succeeded`` with result and
-    delivery rows, or ``failed`` with the reason. A job that already
-    succeeded is not run again (a redelivered message is harmless).
+    delivery rows, or ``failed`` with the reason.
 
     Returns
     -------
