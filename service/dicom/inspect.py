@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from pathlib import Path
 from typing import BinaryIO
 
 from pydicom.filereader import data_element_generator
@@ -68,22 +67,22 @@ def check_complete(data: bytes | BinaryIO, transfer_syntax: UID) -> None:
         raise InvalidInstanceError("data set is truncated or has bytes after its end", 0xC000)
 
 
-def dataset_offset(path: Path) -> int:
+def dataset_offset(handle: BinaryIO) -> int:
     """Offset of the data set in a DICOM file: after the preamble and the File Meta group.
 
     Parameters
     ----------
-    path : pathlib.Path
+    handle : binary file
         A file in the DICOM File Format (PS3.10 7.1) whose File Meta starts
-        with File Meta Information Group Length (0002,0000).
+        with File Meta Information Group Length (0002,0000); read from its start.
 
     Raises
     ------
     InvalidInstanceError
         With status 0xC000 if the file does not start that way.
     """
-    with path.open("rb") as handle:
-        head = handle.read(144)
+    handle.seek(0)
+    head = handle.read(144)
     if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
         raise InvalidInstanceError("received data has no valid File Meta", 0xC000)
     (group_length,) = struct.unpack("<I", head[140:144])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,18 @@ _TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID
          "ImagesInAcquisition"]
 
 
+def _unparseable(exc: Exception) -> InvalidInstanceError:
+    return InvalidInstanceError(f"cannot parse data set: {type(exc).__name__}",
+                                CANNOT_UNDERSTAND)
+
+
+def _parse(read: Callable[[], Dataset]) -> Dataset:
+    try:
+        return read()
+    except Exception as exc:  # pydicom raises many types on bad bytes
+        raise _unparseable(exc) from exc
+
+
 def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
     """Validate the request and the few attributes the node needs; raise if unusable."""
     sop_instance_uid = require_uid(request.AffectedSOPInstanceUID, "SOP Instance UID")
@@ -264,12 +277,12 @@ def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
     if sop_class_uid != str(event.context.abstract_syntax):
         raise InvalidInstanceError(
             "SOP Class differs from the presentation context", DATASET_DOES_NOT_MATCH_SOP_CLASS)
-    offset = dataset_offset(received)
-    with received.open("rb") as handle:
-        handle.seek(offset)
+    with received.open("rb") as handle:  # one open for the three reads
+        handle.seek(dataset_offset(handle))
         check_complete(handle, event.context.transfer_syntax)
+        handle.seek(0)
+        dataset = _parse(lambda: dcmread(handle, stop_before_pixels=True, specific_tags=_TAGS))
     try:
-        dataset = dcmread(received, stop_before_pixels=True, specific_tags=_TAGS)
         study_uid = _uid_element(dataset, "StudyInstanceUID", "Study Instance UID")
         series_uid = _uid_element(dataset, "SeriesInstanceUID", "Series Instance UID")
         ds_sop_instance: Any = dataset.get("SOPInstanceUID")
@@ -278,10 +291,8 @@ def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
         expected = _positive_int(dataset.get("ImagesInAcquisition"))
     except InvalidInstanceError:
         raise
-    except Exception as exc:  # pydicom raises many types on bad bytes
-        raise InvalidInstanceError(
-            f"cannot parse data set: {type(exc).__name__}", CANNOT_UNDERSTAND
-        ) from exc
+    except Exception as exc:  # pydicom raises many types on bad values
+        raise _unparseable(exc) from exc
     if ds_sop_instance is not None and str(ds_sop_instance) != sop_instance_uid:
         raise InvalidInstanceError(
             "SOP Instance UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS)
