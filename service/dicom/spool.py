@@ -11,6 +11,8 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -27,12 +29,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _temporary_beside(target: Path) -> Path:
-    """Create an empty ``.incoming-*.tmp`` file in ``target``'s directory (made if missing)."""
+@contextmanager
+def _temporary_beside(target: Path) -> Iterator[Path]:
+    """An empty ``.incoming-*.tmp`` file in ``target``'s directory, deleted if the block fails."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".tmp")
     os.close(fd)
-    return Path(name)
+    try:
+        yield Path(name)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 def _fsync_file(path: Path) -> None:
@@ -54,13 +61,9 @@ def write_temporary(target: Path, data: bytes) -> Path:
     OSError
         If it cannot be written; nothing is left behind.
     """
-    temporary = _temporary_beside(target)
-    try:
+    with _temporary_beside(target) as temporary:
         temporary.write_bytes(data)
         _fsync_file(temporary)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return temporary
 
 
@@ -81,8 +84,7 @@ def adopt(received: Path, target: Path) -> Path:
     OSError
         If it can be neither renamed nor copied; nothing is left behind.
     """
-    temporary = _temporary_beside(target)
-    try:
+    with _temporary_beside(target) as temporary:
         try:
             os.replace(received, temporary)
         except OSError as exc:
@@ -90,9 +92,6 @@ def adopt(received: Path, target: Path) -> Path:
                 raise
             shutil.copyfile(received, temporary)
         _fsync_file(temporary)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return temporary
 
 
