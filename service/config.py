@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from service.errors import ConfigError
+from service.model_spec import BUILTIN_MODELS, ModelSpec, builtin_spec, default_models
 
 #: DICOM PS3.5 6.2: AE title, 1-16 characters of the default repertoire, no
 #: backslash or control characters; leading/trailing spaces are not significant.
@@ -67,6 +68,10 @@ class Destination(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    #: Also send a Secondary Capture series with the segment contours burned
+    #: in over the source slices, for viewers that cannot show SEG. Labelled
+    #: as derived and not for primary diagnosis.
+    secondary_capture: bool = False
 
     @field_validator("ae_title")
     @classmethod
@@ -173,11 +178,13 @@ class RetentionSettings(_Section):
 class Pipeline(_Section):
     """Which series are analysed, by which model, on which queue.
 
-    A completed series is analysed by every pipeline whose modality matches.
-    Series that match none are stored and not analysed.
+    A completed series is analysed by every pipeline whose modality matches
+    and whose model accepts it (``models[].accepts``). Series that match none
+    are stored and not analysed.
     """
 
-    modality: str = "CT"
+    #: Modality (0008,0060) this pipeline takes; empty: what the model accepts.
+    modality: str = ""
     model: str = "radnode-builtin-ct"
     task: str = "radnode.analyse_series"
     queue: str = "gpu"
@@ -261,7 +268,9 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
-    pipelines: list[Pipeline] = Field(default_factory=lambda: [Pipeline()])
+    models: list[ModelSpec] = Field(default_factory=default_models)
+    pipelines: list[Pipeline] = Field(default_factory=lambda: [
+        Pipeline(model=name) for name in BUILTIN_MODELS])
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
@@ -273,6 +282,35 @@ class Settings(BaseSettings):
         if isinstance(value, list):
             return [Destination.parse(v) if isinstance(v, str) else v for v in value]
         return value
+
+    @model_validator(mode="after")
+    def _check_models(self) -> Settings:
+        names = [spec.name for spec in self.models]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"models: each name once; repeated: {', '.join(repeated)}")
+        for name in BUILTIN_MODELS:  # built-ins are always available
+            if name not in names:
+                self.models.append(builtin_spec(name))
+        known = {spec.name for spec in self.models}
+        for i, pipeline in enumerate(self.pipelines):
+            if pipeline.model not in known:
+                raise ValueError(f"pipelines[{i}]: model {pipeline.model!r} is not declared "
+                                 f"under models (declared: {', '.join(sorted(known))})")
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        """The declaration of model ``name``.
+
+        Raises
+        ------
+        KeyError
+            If no model of that name is declared.
+        """
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no model named {name!r} is declared")
 
     @classmethod
     def settings_customise_sources(

@@ -80,6 +80,14 @@ class Volume:
         The source instances, one per slice, in the same order as ``array``.
     modality : str
         Modality (0008,0060) of the series, e.g. ``"CT"``.
+    frames : list[tuple[int, int]]
+        For each slice of ``array``: ``(index into datasets, 1-based frame
+        number)``. Single-frame series give ``[(i, 1), ...]``; a slice of an
+        enhanced multi-frame instance names its frame (DICOM PS3.3 C.7.6.16).
+        Empty means ``[(i, 1) for i in range(slices)]``.
+    key : str
+        Which part of a series this volume is, when one series holds several
+        (``"echo2-phase"``, ``"volume3"``); ``""`` for a whole series.
     """
 
     array: npt.NDArray[np.float32]
@@ -87,6 +95,13 @@ class Volume:
     affine: npt.NDArray[np.float64]
     datasets: list[Dataset] = field(repr=False)
     modality: str
+    frames: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    key: str = ""
+
+    @property
+    def slice_frames(self) -> list[tuple[int, int]]:
+        """``frames``, or one ``(i, 1)`` per single-frame dataset when it is empty."""
+        return self.frames or [(i, 1) for i in range(self.array.shape[0])]
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -118,6 +133,23 @@ class SegmentMeasurement:
     voxel_count: int
     volume_ml: float
     mean: float
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One output class of a classification model.
+
+    Parameters
+    ----------
+    label : str
+        Human-readable class name.
+    code : Code
+        Coded value written as the SR's qualitative evaluation when this
+        class is the most probable.
+    """
+
+    label: str
+    code: Code
 
 
 class SegmentationModel(Protocol):
@@ -152,5 +184,36 @@ class SegmentationModel(Protocol):
         numpy.ndarray
             Boolean masks of shape ``(segments, slices, rows, columns)``, on
             the grid of ``volume.array``; channel ``i`` is ``segments[i]``.
+        """
+        ...
+
+
+class ClassificationModel(Protocol):
+    """The interface of a classification model.
+
+    Attributes
+    ----------
+    name, version : str
+        Algorithm Name and Version.
+    concept : Code
+        Concept name of the qualitative evaluation in the SR (e.g. DCM 121071
+        "Finding").
+    classes : tuple[ClassSpec, ...]
+        One entry per output probability, in output order.
+    """
+
+    name: str
+    version: str
+    concept: Code
+    classes: tuple[ClassSpec, ...]
+
+    def classify(self, volume: Volume, device: str = "cpu") -> npt.NDArray[np.float32]:
+        """Class probabilities of a volume.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape ``(classes,)``, float32, each in ``[0, 1]``; entry ``i`` is
+            ``classes[i]``.
         """
         ...
