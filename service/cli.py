@@ -206,8 +206,16 @@ def config_check(config_file: Path | None) -> None:
     """Validate the configuration and print the effective values."""
     import yaml
 
+    from service.model_spec import describe
+
     settings = _settings(config_file)
     click.echo(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    for spec in settings.models:
+        info = describe(spec)
+        click.echo(f"model {info['name']} {info['version']}: {info['kind']} ({info['source']}"
+                   f"{', ' + info['path'] if info['path'] else ''}), accepts "
+                   f"{'/'.join(info['accepts'])}, "
+                   f"outputs: {', '.join(info['outputs']) or 'built in'}")
     click.echo("configuration is valid")
 
 

@@ -224,6 +224,14 @@ class WorkerSettings(_Section):
     #: queued again (same result UIDs) or failed after ``max_attempts``.
     heartbeat_timeout_s: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    #: Models each worker process keeps loaded (least recently used leave first).
+    max_warm_models: int = Field(default=4, ge=1)
+    #: Before loading a model onto a GPU, unload least recently used models
+    #: until at least this much GPU memory (MiB) is free.
+    min_free_gpu_mb: int = Field(default=2048, ge=0)
+    #: Load every pipeline's model when a worker process starts (not on the
+    #: first job); at most ``max_warm_models``.
+    warm_up: bool = True
     #: A queued job not started after this long is published again (its
     #: broker message may be lost); duplicates are dropped by the worker.
     republish_after_s: float = Field(default=300.0, gt=0)

@@ -411,19 +411,53 @@ class ModelSpec(_Spec):
         if not metadata.is_file():
             return [f"{self.path} is not a MONAI bundle: configs/metadata.json is missing"]
         try:
-            json.loads(metadata.read_text(encoding="utf-8"))
+            channels = bundle_channel_def(self.path)
         except (OSError, ValueError) as exc:
-            return [f"{metadata} is not valid JSON: {exc}"]
+            return [f"{metadata} is not valid: {exc}"]
+        problems: list[str] = []
+        if channels and self.kind == "segmentation":
+            for label in self.labels:
+                if label.value not in channels:
+                    problems.append(
+                        f"label {label.label!r} has value {label.value}, which the bundle's "
+                        f"channel_def does not define (it has {sorted(channels)})")
         if not self.trusted and not (self.path / "models" / "model.ts").is_file():
-            return [f"bundle {self.path} is not marked trusted and has no models/model.ts: "
-                    "its config would have to run arbitrary Python; set trusted: true only "
-                    "if you trust its author, or export it to TorchScript"]
-        return []
+            problems.append(
+                f"bundle {self.path} is not marked trusted and has no models/model.ts: "
+                "its config would have to run arbitrary Python; set trusted: true only "
+                "if you trust its author, or export it to TorchScript")
+        return problems
 
     @property
     def segment_count(self) -> int:
         """Number of SEG segments (0 for a classifier or a built-in model)."""
         return len(self.labels)
+
+
+def bundle_channel_def(folder: Path) -> dict[int, str]:
+    """Output channels a MONAI bundle declares: channel index to name.
+
+    Read from ``configs/metadata.json``,
+    ``network_data_format.outputs.pred.channel_def`` (MONAI Bundle
+    specification); empty when the bundle does not declare them.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    ValueError
+        If it is not JSON or ``channel_def`` has keys that are not integers.
+    """
+    data = json.loads((folder / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("the top level is not a JSON object")
+    outputs = data.get("network_data_format", {}).get("outputs", {})
+    pred = outputs.get("pred", {}) if isinstance(outputs, dict) else {}
+    channels = pred.get("channel_def", {}) if isinstance(pred, dict) else {}
+    try:
+        return {int(k): str(v) for k, v in dict(channels).items()}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"channel_def keys must be channel numbers: {exc}") from exc
 
 
 def builtin_spec(name: str) -> ModelSpec:

@@ -150,7 +150,7 @@ class Node:
         interval = s.completion.check_interval_s
         self._loops = [
             Loop("completion", lambda: (complete_and_route(s, factory),
-                                        publish_pending(app, factory)), interval),
+                                        publish_pending(app, factory, s)), interval),
             Loop("delivery", lambda: deliver_due(s, factory), interval),
             Loop("sweeper", lambda: sweep_jobs(s, factory),
                  min(5.0, s.worker.heartbeat_timeout_s / 4)),

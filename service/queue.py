@@ -26,9 +26,9 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     """
     if not settings.embedded_broker:
         # Redis: redeliver a job only after it could have finished.
-        return settings.broker.url, {
-            "visibility_timeout": settings.worker.time_limit_s * 2 + 60,
-        }
+        longest = max([settings.worker.time_limit_s,
+                       *(m.time_limit_s or 0 for m in settings.models)])
+        return settings.broker.url, {"visibility_timeout": longest * 2 + 60}
     root = (settings.data_dir / "broker").resolve()
     messages = root / "messages"
     processed = root / "processed"
@@ -74,8 +74,13 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def publish(app: Celery, *, task_name: str, queue: str, job_id: int) -> None:
+def publish(app: Celery, *, task_name: str, queue: str, job_id: int,
+            time_limits: tuple[int, int] | None = None) -> None:
     """Send "run job ``job_id``" to ``queue`` by task name.
+
+    ``time_limits`` (hard, soft) in seconds override the worker's defaults
+    for this job (per-model limits); Celery kills the worker process at the
+    hard limit and raises ``SoftTimeLimitExceeded`` in the task at the soft one.
 
     Raises
     ------
@@ -83,4 +88,9 @@ def publish(app: Celery, *, task_name: str, queue: str, job_id: int) -> None:
         If the broker cannot be reached; the job stays ``pending`` and is
         published again on the next scheduler tick.
     """
-    app.send_task(task_name, args=[job_id], queue=queue)
+    if time_limits is None:
+        app.send_task(task_name, args=[job_id], queue=queue)
+    else:
+        hard, soft = time_limits
+        app.send_task(task_name, args=[job_id], queue=queue, time_limit=hard,
+                      soft_time_limit=soft)

@@ -13,7 +13,9 @@ from collections import defaultdict
 from datetime import timedelta
 from pathlib import Path
 
+import pydicom
 from celery import Celery
+from pydicom.errors import InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import queue
@@ -22,27 +24,75 @@ from service.db import repository
 from service.db.models import Delivery
 from service.db.session import utcnow
 from service.dicom.scu import store_files
+from service.model_spec import model_attributes
 
 log = logging.getLogger("radnode.scheduler")
 
 
+def _series_attributes(settings: Settings, session: Session, series_id: int,
+                       keywords: set[str]) -> dict[str, str]:
+    """Attributes (as text) of a series' first instance, for model accept conditions.
+
+    Reads the header only (no Pixel Data); a file that cannot be read gives
+    no attributes, so conditions on it do not match.
+    """
+    keywords = keywords | {"NumberOfFrames"}
+    paths = repository.instance_paths(series_id, session=session)
+    if not paths:
+        return {}
+    try:
+        ds = pydicom.dcmread(settings.spool_dir / paths[0], stop_before_pixels=True,
+                             specific_tags=sorted(keywords))
+    except (OSError, InvalidDicomError, ValueError) as exc:
+        log.warning("cannot read the header of series %d for routing: %s", series_id,
+                    type(exc).__name__)
+        return {}
+    found: dict[str, str] = {}
+    for keyword in keywords:
+        value = ds.get(keyword)
+        if value is not None and value != "":
+            found[keyword] = str(value)
+    return found
+
+
 def complete_and_route(settings: Settings, session_factory: sessionmaker[Session]) -> int:
-    """Complete ready series and add a job per matching pipeline; return jobs added."""
+    """Complete ready series and add a job per matching pipeline; return jobs added.
+
+    A pipeline matches when its ``modality`` (if set) equals the series'
+    Modality and its model's ``accepts`` (modalities, attribute conditions read
+    from the series' first instance, fewest slices) takes the series. Why a
+    model declined a series is logged (UIDs only).
+    """
     now = utcnow()
     added = 0
     destinations = [str(d) for d in settings.destinations]
+    keywords = model_attributes(settings.models)
     with session_factory() as session:
         for series in repository.complete_ready_series(
             session=session, now=now, rules=settings.completion
         ):
-            pipelines = [p for p in settings.pipelines
-                         if p.modality.upper() == series.modality.upper()]
+            attributes = _series_attributes(settings, session, series.id, keywords)
+            frames = int(attributes.get("NumberOfFrames", "1") or 1)
+            chosen = []
+            for pipeline in settings.pipelines:
+                if pipeline.modality and pipeline.modality.upper() != series.modality.upper():
+                    continue
+                spec = settings.model(pipeline.model)
+                reason = spec.accepts.rejects(series.modality, attributes)
+                slices = series.instance_count * max(frames, 1)
+                if reason is None and slices < spec.accepts.min_slices:
+                    reason = f"{slices} slice(s), needs {spec.accepts.min_slices}"
+                if reason is not None:
+                    log.info("series %s: model %s declines it: %s",
+                             series.series_instance_uid, spec.name, reason)
+                    continue
+                chosen.append(pipeline)
             log.info(
                 "series %s complete (%s): %d instances, modality %s, %d pipeline(s)",
                 series.series_instance_uid, series.completion_reason, series.instance_count,
-                series.modality or "?", len(pipelines),
+                series.modality or "?", len(chosen),
             )
-            for pipeline in pipelines:
+            for pipeline in chosen:
                 repository.add_job(
                     session=session, series=series, task_name=pipeline.task,
                     queue=pipeline.queue, model_name=pipeline.model,
@@ -53,13 +103,35 @@ def complete_and_route(settings: Settings, session_factory: sessionmaker[Session
     return added
 
 
-def publish_pending(app: Celery, session_factory: sessionmaker[Session]) -> int:
-    """Publish every ``pending`` job (after its row was committed); return how many."""
+def time_limits(settings: Settings, model_name: str) -> tuple[int, int]:
+    """Hard and soft time limits (s) of a job of ``model_name``.
+
+    The model's own ``time_limit_s``/``soft_time_limit_s`` when declared, else
+    ``worker.time_limit_s``; the soft limit defaults to 90 % of the hard one.
+    """
+    try:
+        spec = settings.model(model_name)
+        hard = spec.time_limit_s or settings.worker.time_limit_s
+        soft = spec.soft_time_limit_s
+    except KeyError:
+        hard, soft = settings.worker.time_limit_s, None
+    return hard, soft if soft is not None else max(int(hard * 0.9), 5)
+
+
+def publish_pending(app: Celery, session_factory: sessionmaker[Session],
+                    settings: Settings | None = None) -> int:
+    """Publish every ``pending`` job (after its row was committed); return how many.
+
+    With ``settings``, each message carries its model's hard and soft time
+    limits (:func:`time_limits`); without, the worker's defaults apply.
+    """
     published = 0
     with session_factory() as session:
         for job in repository.pending_jobs(session=session):
+            limits = time_limits(settings, job.model_name) if settings is not None else None
             try:
-                queue.publish(app, task_name=job.task_name, queue=job.queue, job_id=job.id)
+                queue.publish(app, task_name=job.task_name, queue=job.queue, job_id=job.id,
+                              time_limits=limits)
             except Exception as exc:  # kombu raises several types; retried next tick
                 log.error("cannot publish job %d to queue %s: %s", job.id, job.queue, exc)
                 break
@@ -74,6 +146,9 @@ def publish_pending(app: Celery, session_factory: sessionmaker[Session]) -> int:
 def sweep_jobs(settings: Settings, session_factory: sessionmaker[Session]) -> int:
     """Recover jobs whose broker message or worker was lost; return how many were touched.
 
+    * a ``running`` job whose lease lapsed after it had run for its hard time
+      limit (:func:`time_limits`) was killed by Celery for time: it fails and
+      is not retried;
     * a ``running`` job whose lease (heartbeat) is older than
       ``worker.heartbeat_timeout_s`` lost its worker (killed, machine down):
       it goes back to ``pending`` (published again by :func:`publish_pending`),
@@ -91,6 +166,17 @@ def sweep_jobs(settings: Settings, session_factory: sessionmaker[Session]) -> in
         stale = now - timedelta(seconds=cfg.heartbeat_timeout_s)
         for job in repository.lost_jobs(session=session, stale_before=stale):
             touched += 1
+            hard, _ = time_limits(settings, job.model_name)
+            started = job.started_at
+            if started is not None and started.tzinfo is None:  # SQLite drops the zone
+                started = started.replace(tzinfo=now.tzinfo)
+            if started is not None and (now - started).total_seconds() >= hard:
+                job.state = "failed"
+                job.finished_at = now
+                job.error = (f"time limit exceeded: ran {hard} s or more (hard limit of "
+                             f"model {job.model_name}); not retried")
+                log.error("job %d failed: hard time limit of %d s exceeded", job.id, hard)
+                continue
             if job.attempts >= cfg.max_attempts:
                 job.state = "failed"
                 job.finished_at = now

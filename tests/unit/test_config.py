@@ -37,7 +37,7 @@ def config_file(tmp_path: Path) -> Path:
                 {"ae_title": "ARCHIVE", "host": "archive.local", "port": 11112,
                  "name": "archive"},
             ],
-            "pipelines": [{"modality": "MR", "model": "mr-model", "queue": "cpu"}],
+            "pipelines": [{"modality": "MR", "model": "radnode-builtin-mr", "queue": "cpu"}],
         },
     )
 
@@ -49,8 +49,10 @@ def test_defaults() -> None:
     assert settings.dicom.host == "0.0.0.0"
     assert settings.destinations == []
     assert settings.completion.quiet_period_s == 5.0
-    assert settings.pipelines == [Pipeline()]
-    assert settings.pipelines[0].modality == "CT"
+    assert [p.model for p in settings.pipelines] == ["radnode-builtin-ct", "radnode-builtin-mr"]
+    assert [m.name for m in settings.models] == ["radnode-builtin-ct", "radnode-builtin-mr"]
+    assert settings.model("radnode-builtin-mr").accepts.modalities == ["MR"]
+    assert settings.pipelines[0].modality == ""  # what the model accepts
     assert settings.pipelines[0].model == "radnode-builtin-ct"
     assert settings.pipelines[0].queue == "gpu"
     assert settings.log_level == "INFO"
@@ -76,7 +78,7 @@ def test_yaml_nested_keys_and_destinations(config_file: Path, tmp_path: Path) ->
         "ARCHIVE", "archive.local", 11112, "archive")
     assert str(pacs) == "PACS@10.0.0.5:104"
     assert [(p.modality, p.model, p.queue) for p in settings.pipelines] == [
-        ("MR", "mr-model", "cpu")]
+        ("MR", "radnode-builtin-mr", "cpu")]
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path: Path) -> None:

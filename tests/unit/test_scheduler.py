@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,10 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import scheduler
-from service.config import CompletionSettings, Settings
+from service.config import CompletionSettings, Pipeline, Settings
 from service.db import repository
 from service.db.models import Job, Series
 from service.db.session import as_utc
+from service.model_spec import AcceptSpec, CodeSpec, LabelSpec, ModelSpec
 from tests.unit.conftest import DESTINATIONS, T0, Clock, record
 
 QUIET_5S = CompletionSettings(quiet_period_s=5.0)
@@ -75,11 +77,16 @@ def test_complete_ready_series_with_explicit_now(
         assert series.completed_at is not None and as_utc(series.completed_at) == later
 
 
+def _ct_only(settings: Settings) -> Settings:
+    return settings.model_copy(update={"pipelines": [Pipeline(model="radnode-builtin-ct")]})
+
+
 def test_complete_and_route_creates_ct_job_only(
     session_factory: sessionmaker[Session], two_series: tuple[str, str], settings: Settings,
     clock: Clock,
 ) -> None:
     ct, mr = two_series
+    settings = _ct_only(settings)
     clock.at(1)
     assert scheduler.complete_and_route(settings, session_factory) == 0
     assert _jobs(session_factory) == []
@@ -110,6 +117,7 @@ def test_late_instance_reopens_and_reroutes_series(
     clock: Clock,
 ) -> None:
     ct, mr = two_series
+    settings = _ct_only(settings)
     clock.at(6)
     assert scheduler.complete_and_route(settings, session_factory) == 1
 
@@ -182,3 +190,74 @@ def test_publish_failure_keeps_jobs_pending(
     assert scheduler.publish_pending(app, session_factory) == 2  # type: ignore[arg-type]
     assert app.calls == [("radnode.analyse_series", [j.id], "gpu") for j in jobs]
     assert [j.state for j in _jobs(session_factory)] == ["queued", "queued"]
+
+
+def test_default_pipelines_route_each_modality_to_its_builtin_model(
+    session_factory: sessionmaker[Session], two_series: tuple[str, str], settings: Settings,
+    clock: Clock,
+) -> None:
+    ct, mr = two_series
+    clock.at(6)
+    assert scheduler.complete_and_route(settings, session_factory) == 2
+    by_series = {j.series_id: j.model_name for j in _jobs(session_factory)}
+    assert by_series == {_series(session_factory, ct).id: "radnode-builtin-ct",
+                         _series(session_factory, mr).id: "radnode-builtin-mr"}
+
+
+def _spool_file(settings: Settings, factory: sessionmaker[Session], series_uid: str,
+                **attributes: str) -> None:
+    """Write the first instance of a recorded series where its row says it is."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    with factory() as session:
+        series = session.scalars(
+            select(Series).where(Series.series_instance_uid == series_uid)).one()
+        relative = repository.instance_paths(series.id, session=session)[0]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    path = settings.spool_dir / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(("body_part", "jobs"), [("ABDOMEN", 0), ("chest", 1)])
+def test_model_accept_conditions_read_the_series_header(
+    session_factory: sessionmaker[Session], two_series: tuple[str, str], settings: Settings,
+    clock: Clock, caplog: pytest.LogCaptureFixture, tmp_path: Path, body_part: str, jobs: int,
+) -> None:
+    ct, _mr = two_series
+    weights = tmp_path / "chest.pt"
+    weights.write_bytes(b"not read by the node")
+    chest = ModelSpec(
+        name="chest-net", source="torchscript", path=weights,
+        accepts=AcceptSpec(modalities=["CT"], conditions={"BodyPartExamined": "CHEST|THORAX"}),
+        labels=[LabelSpec(value=1, label="Lung",
+                          type=CodeSpec(value="39607008", meaning="Lung"))],
+    )
+    settings = settings.model_copy(update={
+        "models": [*settings.models, chest], "pipelines": [Pipeline(model="chest-net")]})
+    _spool_file(settings, session_factory, ct, BodyPartExamined=body_part)
+    clock.at(6)
+    with caplog.at_level("INFO", logger="radnode.scheduler"):
+        assert scheduler.complete_and_route(settings, session_factory) == jobs
+    assert [j.model_name for j in _jobs(session_factory)] == ["chest-net"] * jobs
+    if not jobs:
+        assert "chest-net declines it: BodyPartExamined does not match" in caplog.text
+
+
+def test_time_limits_per_model(settings: Settings, tmp_path: Path) -> None:
+    weights = tmp_path / "slow.pt"
+    weights.write_bytes(b"x")
+    slow = ModelSpec(name="slow", source="torchscript", path=weights, time_limit_s=3600,
+                     labels=[LabelSpec(value=1, label="Liver",
+                                       type=CodeSpec(value="10200004", meaning="Liver"))])
+    settings = settings.model_copy(update={"models": [*settings.models, slow]})
+    assert scheduler.time_limits(settings, "slow") == (3600, 3240)
+    assert scheduler.time_limits(settings, "radnode-builtin-ct") == (
+        settings.worker.time_limit_s, int(settings.worker.time_limit_s * 0.9))
