@@ -56,8 +56,8 @@ class CodeSpec(_Spec):
     meaning: str = Field(min_length=1, max_length=64)
 
 
-#: SNOMED CT "Anatomical Structure" (DICOM PS3.16 CID 7150), the default category.
-ANATOMICAL_STRUCTURE = CodeSpec(value="123037004", scheme="SCT", meaning="Anatomical Structure")
+#: SNOMED CT 91723000 "Anatomical Structure" (DICOM PS3.16 CID 7150), the default category.
+ANATOMICAL_STRUCTURE = CodeSpec(value="91723000", scheme="SCT", meaning="Anatomical Structure")
 #: DICOM "Finding" (DCM 121071), the default concept of a classification result.
 FINDING = CodeSpec(value="121071", scheme="DCM", meaning="Finding")
 

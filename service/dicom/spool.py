@@ -43,8 +43,16 @@ def _temporary_beside(target: Path) -> Iterator[Path]:
 
 
 def _fsync_file(path: Path) -> None:
+    # fdatasync: the data and the size reach the disk; mtime/atime need not.
     with path.open("rb") as handle:
-        os.fsync(handle.fileno())
+        os.fdatasync(handle.fileno())
+
+
+#: Directories whose own entry in their parent is known to be on disk (this
+#: process fsynced the parent after the directory appeared). Each instance
+#: then costs one directory fsync (its series folder), not one per level.
+_durable_dirs: set[Path] = set()
+_DURABLE_DIRS_MAX = 100_000
 
 
 def write_temporary(target: Path, data: bytes) -> Path:
@@ -98,8 +106,10 @@ def adopt(received: Path, target: Path) -> Path:
 def move_into_place(temporary: Path, target: Path, root: Path | None = None) -> None:
     """Rename a fsynced temporary file over ``target`` atomically and fsync the directories.
 
-    The directories from ``target``'s parent up to ``root`` (exclusive) are
-    fsynced too, so that new directory entries survive a power loss.
+    ``target``'s directory is fsynced, and so is each directory above it up
+    to ``root`` (exclusive) the first time this process puts a file below it,
+    so that new directory entries survive a power loss while an instance of
+    a known series costs a single directory fsync.
 
     Raises
     ------
@@ -108,12 +118,16 @@ def move_into_place(temporary: Path, target: Path, root: Path | None = None) -> 
         must be removed (it may already be in place).
     """
     os.replace(temporary, target)
-    for directory in [target.parent, *target.parent.parents]:
-        if root is not None and (directory == root or not directory.is_relative_to(root)):
-            break
-        _fsync_dir(directory)
-        if root is None:
-            break
+    _fsync_dir(target.parent)  # the new entry of target
+    if root is None:
+        return
+    child = target.parent
+    while child != root and child.is_relative_to(root) and child not in _durable_dirs:
+        _fsync_dir(child.parent)  # the entry of child, in case child is new
+        if len(_durable_dirs) >= _DURABLE_DIRS_MAX:
+            _durable_dirs.clear()
+        _durable_dirs.add(child)
+        child = child.parent
 
 
 def write_durably(target: Path, data: bytes) -> int:
