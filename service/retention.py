@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.db.models import Series
 from service.db.session import as_utc, utcnow
+from service.dicom.spool import forget_directory
 
 log = logging.getLogger("radnode.retention")
 
@@ -58,6 +59,7 @@ def _remove_empty_parents(path: Path, stop: Path) -> None:
             parent.rmdir()
         except OSError:
             return
+        forget_directory(parent)
 
 
 def purge_due(settings: Settings, session_factory: sessionmaker[Session]) -> int:

@@ -55,6 +55,11 @@ _durable_dirs: set[Path] = set()
 _DURABLE_DIRS_MAX = 100_000
 
 
+def forget_directory(path: Path) -> None:
+    """Say that ``path`` was removed: a folder made again there is fsynced as new."""
+    _durable_dirs.discard(path)
+
+
 def write_temporary(target: Path, data: bytes) -> Path:
     """Write ``data`` to a new temporary file beside ``target`` and fsync it.
 
