@@ -416,11 +416,14 @@ class ModelSpec(_Spec):
             return [f"{metadata} is not valid: {exc}"]
         problems: list[str] = []
         if channels and self.kind == "segmentation":
+            # sigmoid: channel k-1 is label value k; otherwise channel k is value k
+            shift = 1 if self.output.activation == "sigmoid" else 0
             for label in self.labels:
-                if label.value not in channels:
+                if label.value - shift not in channels:
                     problems.append(
-                        f"label {label.label!r} has value {label.value}, which the bundle's "
-                        f"channel_def does not define (it has {sorted(channels)})")
+                        f"label {label.label!r} has value {label.value} (channel "
+                        f"{label.value - shift}), which the bundle's channel_def does not "
+                        f"define (it has channels {sorted(channels)})")
         if not self.trusted and not (self.path / "models" / "model.ts").is_file():
             problems.append(
                 f"bundle {self.path} is not marked trusted and has no models/model.ts: "

@@ -134,9 +134,21 @@ def test_untrusted_bundle_needs_torchscript(tmp_path: Path) -> None:
 def test_bundle_labels_must_exist_in_its_channel_def(tmp_path: Path) -> None:
     folder = _bundle(tmp_path, model_ts=True, channel_def={"0": "background", "1": "liver"})
     wrong = {**LIVER, "value": 2}
-    with pytest.raises(ConfigError, match="has value 2, which the bundle's channel_def does not"):
+    with pytest.raises(ConfigError, match=r"value 2 \(channel 2\), which the bundle.s channel_def"):
         load_settings(_config(tmp_path, [{"name": "b", "source": "monai_bundle",
                                           "path": str(folder), "labels": [wrong]}]))
+
+
+def test_sigmoid_bundle_channel_is_label_value_minus_1(tmp_path: Path) -> None:
+    folder = _bundle(tmp_path, model_ts=True, channel_def={"0": "TC", "1": "WT", "2": "ET"})
+    labels = [{**LIVER, "value": v, "label": n} for v, n in ((1, "TC"), (2, "WT"), (3, "ET"))]
+    spec = load_settings(_config(tmp_path, [{
+        "name": "brats", "source": "monai_bundle", "path": str(folder), "labels": labels,
+        "output": {"activation": "sigmoid"}}])).model("brats")
+    assert [lab.value for lab in spec.labels] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="value 3 \\(channel 3\\)"):
+        load_settings(_config(tmp_path, [{"name": "brats", "source": "monai_bundle",
+                                          "path": str(folder), "labels": labels}]))
 
 
 def test_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
