@@ -28,15 +28,26 @@ def create_worker_app(settings: Settings) -> Celery:
         # In the pool's child process, after fork (the parent never touches
         # torch or CUDA): import the analysis code and load the configured
         # models now, so that the first series does not wait for them.
-        from workers.models.registry import FACTORIES, get_model
-        from workers.tasks import session_factory_for
+        from billiard.process import current_process
 
-        session_factory_for(settings)
-        for name in {p.model for p in settings.pipelines}:
-            if name in FACTORIES:
-                get_model(name)
-        log.info("worker process ready; models warm: %s",
-                 ", ".join(sorted(p.model for p in settings.pipelines)))
+        from workers import tasks
+        from workers.models.registry import get_model, warm_models
+
+        tasks.PROCESS_INDEX = int(getattr(current_process(), "index", 0) or 0)
+        tasks.session_factory_for(settings)
+        if not settings.worker.warm_up:
+            return
+        names = list(dict.fromkeys(p.model for p in settings.pipelines))
+        for name in names[: settings.worker.max_warm_models]:
+            spec = settings.model(name)
+            try:
+                device = tasks.resolve_device(spec.device or settings.worker.device)
+                get_model(spec, device, max_models=settings.worker.max_warm_models,
+                          min_free_gpu_mb=settings.worker.min_free_gpu_mb)
+            except Exception:  # the job of this model will fail with the reason
+                log.exception("cannot load model %s %s at start-up", spec.name, spec.version)
+        log.info("worker process %d ready; models warm: %s", tasks.PROCESS_INDEX,
+                 ", ".join(f"{n} {v} on {d}" for n, v, d in warm_models()) or "none")
 
     @app.task(name=ANALYSE_SERIES, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
     def analyse_series(job_id: int) -> str:

@@ -8,10 +8,13 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from sqlalchemy import select
@@ -22,9 +25,12 @@ from service.db import repository
 from service.db.models import Delivery, Job, Result
 from service.db.session import make_engine, make_session_factory, utcnow
 from service.dicom.spool import write_durably
-from workers.inference.volume import load_series
-from workers.models.registry import get_model
+from workers.inference.base import ClassificationModel, SegmentationModel, Volume
+from workers.inference.volume import load_volumes
+from workers.models.registry import Model, get_model
+from workers.results.classification_sr import build_classification_sr
 from workers.results.measure import measure_segments
+from workers.results.overlay_sc import build_overlay_sc
 from workers.results.seg import build_seg
 from workers.results.sr import build_sr
 from workers.results.uids import result_uid
@@ -69,13 +75,125 @@ class _Lease:
         self._thread.join(timeout=10)
 
 
+#: Index of this Celery pool process (set after fork by the worker), used to
+#: give each process its own GPU when a machine has several.
+PROCESS_INDEX = 0
+
+
 def resolve_device(requested: str) -> str:
-    """Map ``"auto"`` to ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    if requested != "auto":
+    """The torch device a job runs on.
+
+    ``"auto"`` is CUDA when a GPU is visible, else ``"cpu"``; ``"auto"`` and
+    ``"cuda"`` on a machine with N GPUs give pool process i the GPU
+    ``cuda:(i mod N)``, so that ``worker.concurrency`` = N runs one worker
+    process per GPU. ``"cpu"`` and ``"cuda:K"`` are kept as they are.
+    """
+    if requested not in ("auto", "cuda"):
         return requested
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        if requested == "cuda":
+            raise RuntimeError("device cuda was asked for but no CUDA device is visible")
+        return "cpu"
+    return f"cuda:{PROCESS_INDEX % torch.cuda.device_count()}"
+
+
+@dataclass
+class _Output:
+    """One encoded result object and the destinations it goes to."""
+
+    kind: str
+    dataset: Dataset
+    path: Path
+    summary: dict[str, Any]
+    destinations: list[str]
+
+
+def _uid(series_uid: str, model: Model, kind: str, part: str, key: str) -> str:
+    # a whole-series volume keeps the UIDs of earlier releases ("series"),
+    # a part of a split series gets its own ("series:echo2-phase").
+    return result_uid(series_uid, model.name, model.version, kind,
+                      f"{part}:{key}" if key else part)
+
+
+def _add(timings: dict[str, Any], key: str, since: float) -> float:
+    now = time.perf_counter()
+    timings[key] = timings.get(key, 0.0) + now - since
+    return now
+
+
+def _segmentation_outputs(model: SegmentationModel, volume: Volume, device: str,
+                          out_dir: Path, destinations: list[str],
+                          sc_destinations: list[str], timings: dict[str, Any]) -> list[_Output]:
+    series_uid = str(volume.datasets[0].SeriesInstanceUID)
+    t0 = time.perf_counter()
+    masks = model.predict(volume, device=device)
+    t0 = _add(timings, "inference_s", t0)
+    measurements = measure_segments(volume, masks, model.segments)
+    key = volume.key
+    seg = build_seg(
+        volume, masks, model.segments, algorithm_name=model.name,
+        algorithm_version=model.version,
+        series_instance_uid=_uid(series_uid, model, "SEG", "series", key),
+        sop_instance_uid=_uid(series_uid, model, "SEG", "instance", key),
+    )
+    sr = build_sr(
+        seg, volume, measurements, model.segments, algorithm_name=model.name,
+        algorithm_version=model.version,
+        series_instance_uid=_uid(series_uid, model, "SR", "series", key),
+        sop_instance_uid=_uid(series_uid, model, "SR", "instance", key),
+    )
+    summary: dict[str, Any] = {
+        "model": model.name, "version": model.version, "volume": key,
+        "segments": [
+            {"number": m.segment_number, "label": m.label, "voxels": m.voxel_count,
+             "volume_ml": round(m.volume_ml, 3),
+             "mean": None if m.mean != m.mean else round(m.mean, 2)}
+            for m in measurements
+        ],
+    }
+    outputs = [
+        _Output("SEG", seg, out_dir / f"SEG-{seg.SOPInstanceUID}.dcm", summary, destinations),
+        _Output("SR", sr, out_dir / f"SR-{sr.SOPInstanceUID}.dcm", summary, destinations),
+    ]
+    if sc_destinations:
+        slices = volume.array.shape[0]
+        images = build_overlay_sc(
+            volume, masks, model.segments,
+            series_instance_uid=_uid(series_uid, model, "SC", "series", key),
+            sop_instance_uids=[_uid(series_uid, model, "SC", f"instance{i}", key)
+                               for i in range(slices)],
+            algorithm_name=model.name, algorithm_version=model.version,
+        )
+        outputs.extend(_Output("SC", image, out_dir / f"SC-{image.SOPInstanceUID}.dcm",
+                               summary, sc_destinations) for image in images)
+    _add(timings, "encode_s", t0)
+    return outputs
+
+
+def _classification_outputs(model: ClassificationModel, volume: Volume, device: str,
+                            out_dir: Path, destinations: list[str],
+                            timings: dict[str, Any]) -> list[_Output]:
+    series_uid = str(volume.datasets[0].SeriesInstanceUID)
+    t0 = time.perf_counter()
+    probabilities = model.classify(volume, device=device)
+    t0 = _add(timings, "inference_s", t0)
+    sr = build_classification_sr(
+        volume, probabilities, model.classes, concept=model.concept,
+        algorithm_name=model.name, algorithm_version=model.version,
+        series_instance_uid=_uid(series_uid, model, "SR", "series", volume.key),
+        sop_instance_uid=_uid(series_uid, model, "SR", "instance", volume.key),
+    )
+    best = int(np.argmax(probabilities))
+    summary: dict[str, Any] = {
+        "model": model.name, "version": model.version, "volume": volume.key,
+        "finding": model.classes[best].label,
+        "probabilities": {c.label: round(float(p), 4)
+                          for c, p in zip(model.classes, probabilities, strict=True)},
+    }
+    _add(timings, "encode_s", t0)
+    return [_Output("SR", sr, out_dir / f"SR-{sr.SOPInstanceUID}.dcm", summary, destinations)]
 
 
 def _encode(dataset: Dataset) -> bytes:
@@ -86,7 +204,7 @@ def _encode(dataset: Dataset) -> bytes:
 
 def _store_result(
     session: Session, job: Job, *, kind: str, dataset: Dataset, path: Path,
-    summary: dict[str, Any] | None,
+    summary: dict[str, Any] | None, destinations: list[str],
 ) -> Result:
     """Insert or update the result row (same UID on a re-run) and reset its deliveries."""
     now = utcnow()
@@ -103,7 +221,7 @@ def _store_result(
     result.path = str(path)
     result.summary = summary
     session.flush()
-    for destination in job.destinations:
+    for destination in destinations:
         delivery = session.scalars(
             select(Delivery).where(Delivery.result_id == result.id,
                                    Delivery.destination == destination)
@@ -120,7 +238,13 @@ def _store_result(
 
 def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmaker[Session],
                  hostname: str = "") -> str:
-    """Run job ``job_id``: load the series, run its model, write SEG and SR.
+    """Run job ``job_id``: load the series, run its model, write the results.
+
+    A segmentation model gives, per volume of the series (a series that mixes
+    echoes or magnitude/phase is split into several volumes), a SEG and a TID
+    1500 SR with segment volumes, plus a burned-in Secondary Capture series
+    for destinations that ask for one; a classification model gives a TID
+    1500 SR with the coded finding and each class's probability.
 
     The job runs only if this worker can claim it (``pending``/``queued``, or
     ``running`` with a stale lease: its worker was lost), so a duplicate or
@@ -149,76 +273,72 @@ def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmak
         paths = [settings.spool_dir / p
                  for p in repository.instance_paths(job.series_id, session=session)]
         model_name = job.model_name
+        destinations = list(job.destinations)
         session.commit()
     log.info("job %d: %s on series %s (%d instances)", job_id, model_name, series_uid, len(paths))
 
-    timings: dict[str, float] = {}
+    timings: dict[str, Any] = {}
     lease = _Lease(job_id, session_factory, settings.worker.heartbeat_interval_s)
     try:
+        spec = settings.model(model_name)
         t0 = time.perf_counter()
-        model = get_model(model_name)
-        volume = load_series(paths)
+        device = resolve_device(spec.device or settings.worker.device)
+        model = get_model(spec, device, max_models=settings.worker.max_warm_models,
+                          min_free_gpu_mb=settings.worker.min_free_gpu_mb)
         t1 = time.perf_counter()
-        device = resolve_device(settings.worker.device)
-        masks = model.predict(volume, device=device)
+        volumes = load_volumes(paths)
         t2 = time.perf_counter()
-        measurements = measure_segments(volume, masks, model.segments)
-        uid = {
-            (kind, part): result_uid(series_uid, model.name, model.version, kind, part)
-            for kind in ("SEG", "SR") for part in ("series", "instance")
-        }
-        seg = build_seg(
-            volume, masks, model.segments, algorithm_name=model.name,
-            algorithm_version=model.version, series_instance_uid=uid["SEG", "series"],
-            sop_instance_uid=uid["SEG", "instance"],
-        )
-        sr = build_sr(
-            seg, volume, measurements, model.segments, algorithm_name=model.name,
-            algorithm_version=model.version, series_instance_uid=uid["SR", "series"],
-            sop_instance_uid=uid["SR", "instance"],
-        )
-        t3 = time.perf_counter()
+        wants_sc = {str(d) for d in settings.destinations if d.secondary_capture}
+        sc_destinations = [d for d in destinations if d in wants_sc]
         out_dir = settings.results_dir / series_uid
-        seg_path = out_dir / f"SEG-{seg.SOPInstanceUID}.dcm"
-        sr_path = out_dir / f"SR-{sr.SOPInstanceUID}.dcm"
-        write_durably(seg_path, _encode(seg))
-        write_durably(sr_path, _encode(sr))
-        t4 = time.perf_counter()
-        timings = {"load_s": t1 - t0, "inference_s": t2 - t1, "encode_s": t3 - t2,
-                   "write_s": t4 - t3, "device": device}  # type: ignore[dict-item]
+        outputs: list[_Output] = []
+        for volume in volumes:
+            if spec.kind == "classification":
+                outputs += _classification_outputs(
+                    cast(ClassificationModel, model), volume, device, out_dir, destinations,
+                    timings)
+            else:
+                outputs += _segmentation_outputs(
+                    cast(SegmentationModel, model), volume, device, out_dir, destinations,
+                    sc_destinations, timings)
+        t3 = time.perf_counter()
+        for output in outputs:
+            write_durably(output.path, _encode(output.dataset))
+        timings.update({"model_load_s": t1 - t0, "load_s": t2 - t1,
+                        "write_s": time.perf_counter() - t3, "device": device,
+                        "volumes": len(volumes)})
     except Exception as exc:
         lease.stop()
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, SoftTimeLimitExceeded):
+            reason = f"time limit exceeded (soft limit of model {model_name}); not retried"
+        elif isinstance(exc, KeyError) and "is declared" in str(exc):
+            reason = f"model {model_name!r} is not declared in this worker's config"
         with session_factory() as session:
             failed = session.get(Job, job_id)
             assert failed is not None
             failed.state = "failed"
-            failed.error = f"{type(exc).__name__}: {exc}"[:2000]
+            failed.error = reason[:2000]
             failed.finished_at = utcnow()
             session.commit()
         log.exception("job %d on series %s failed", job_id, series_uid)
         return "failed"
 
     lease.stop()
-    summary = {
-        "model": model.name,
-        "version": model.version,
-        "segments": [
-            {"number": m.segment_number, "label": m.label, "voxels": m.voxel_count,
-             "volume_ml": round(m.volume_ml, 3),
-             "mean": None if m.mean != m.mean else round(m.mean, 2)}
-            for m in measurements
-        ],
-    }
     with session_factory() as session:
         done = session.get(Job, job_id)
         assert done is not None
-        _store_result(session, done, kind="SEG", dataset=seg, path=seg_path, summary=summary)
-        _store_result(session, done, kind="SR", dataset=sr, path=sr_path, summary=summary)
+        for output in outputs:
+            _store_result(session, done, kind=output.kind, dataset=output.dataset,
+                          path=output.path, summary=output.summary,
+                          destinations=output.destinations)
         done.state = "succeeded"
         done.model_version = model.version
         done.timings = timings
         done.finished_at = utcnow()
         session.commit()
-    log.info("job %d succeeded: load %.2f s, inference %.2f s on %s, encode %.2f s",
-             job_id, timings["load_s"], timings["inference_s"], device, timings["encode_s"])
+    log.info("job %d succeeded: %d volume(s), %d result object(s); load %.2f s, inference "
+             "%.2f s on %s, encode %.2f s", job_id, len(volumes), len(outputs),
+             timings["load_s"], timings.get("inference_s", 0.0), device,
+             timings.get("encode_s", 0.0))
     return "succeeded"

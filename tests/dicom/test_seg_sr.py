@@ -1,7 +1,9 @@
-"""SEG and TID 1500 SR encoders on the real 134-slice pancreas CT."""
+"""SEG and TID 1500 SR encoders on the real 134-slice pancreas CT and enhanced MR."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -9,12 +11,15 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from workers.inference.base import SegmentMeasurement, SegmentSpec, Volume
+from workers.inference.volume import load_volumes
 from workers.results.measure import measure_segments
 from workers.results.seg import build_seg
 from workers.results.sr import build_sr
@@ -531,3 +536,187 @@ def test_subset_helper_sorts_shuffled_input(
         ds.SOPInstanceUID for ds in small_volume.datasets
     ]
     np.testing.assert_array_equal(rebuilt.array, small_volume.array)
+
+
+# ------------------------------------------------ enhanced multi-frame sources
+
+
+def _mr_masks(volume: Volume) -> np.ndarray:
+    """(3, slices, rows, columns): two MR signal thresholds and an empty segment."""
+    array = volume.array
+    return np.stack([array > 200.0, array > 600.0, np.zeros(array.shape, dtype=bool)])
+
+
+def _frame_ipp(ds: Dataset, number: int) -> list[float]:
+    item = ds.PerFrameFunctionalGroupsSequence[number - 1]
+    return [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+
+
+def _check_frame_references(seg: hd.seg.Segmentation, volume: Volume, masks: np.ndarray) -> None:
+    """Every SEG frame names exactly the source frame of its slice, and holds its mask."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
+    slice_of = {
+        (str(volume.datasets[index].SOPInstanceUID), number): k
+        for k, (index, number) in enumerate(volume.slice_frames)
+    }
+    pixels = seg.pixel_array  # (frames, rows, columns), frames in SEG order
+    for item, frame_pixels in zip(seg.PerFrameFunctionalGroupsSequence, pixels, strict=True):
+        (derivation,) = item.DerivationImageSequence
+        (source,) = derivation.SourceImageSequence
+        uid, number = str(source.ReferencedSOPInstanceUID), int(source.ReferencedFrameNumber)
+        assert source.SpatialLocationsPreserved == "YES"
+        np.testing.assert_allclose(
+            [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
+            _frame_ipp(by_uid[uid], number),
+            atol=1e-3,
+        )
+        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        np.testing.assert_array_equal(
+            frame_pixels.astype(bool), masks[segment - 1, slice_of[(uid, number)]]
+        )
+    referenced = {
+        str(ref.ReferencedSOPInstanceUID)
+        for series in seg.ReferencedSeriesSequence
+        for ref in series.ReferencedInstanceSequence
+    }
+    assert referenced == set(by_uid)
+
+
+def _evidence(sr: Dataset) -> list[str]:
+    return [
+        str(item.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    ]
+
+
+def _seg_and_sr_files(
+    volume: Volume, segments: tuple[SegmentSpec, ...], folder: Path
+) -> tuple[np.ndarray, Path, Path]:
+    masks = _mr_masks(volume)
+    seg = _build_seg(volume, masks, segments)
+    seg_path = folder / "seg.dcm"
+    seg.save_as(seg_path)
+    measurements = measure_segments(volume, masks, segments)
+    sr = _build_sr(hd.seg.segread(seg_path), volume, measurements, segments)
+    sr_path = folder / "sr.dcm"
+    sr.save_as(sr_path)
+    return masks, seg_path, sr_path
+
+
+@pytest.fixture(scope="module")
+def xa30_path(test_data_dir: Path) -> Path:
+    (path,) = sorted((test_data_dir / "enhanced_multiframe" / "siemens_xa30_t1").glob("*.dcm"))
+    return path
+
+
+def test_enhanced_mr_seg_and_sr(
+    xa30_path: Path, segments: tuple[SegmentSpec, ...], dciodvfy: Dciodvfy, tmp_path: Path
+) -> None:
+    """96-frame Enhanced MR, frames in reverse spatial order, per-frame geometry only."""
+    (volume,) = load_volumes([xa30_path])
+    assert volume.frames[0] == (0, 96)  # the volume's slice order is not the frame order
+    masks, seg_path, sr_path = _seg_and_sr_files(volume, segments, tmp_path)
+    for path in (seg_path, sr_path):
+        errors, warnings = dciodvfy(path)
+        print(f"dciodvfy {path.name} warnings:", *warnings, sep="\n  ")
+        assert errors == []
+    seg = hd.seg.segread(seg_path)
+    _check_frame_references(seg, volume, masks)
+    (source,) = volume.datasets
+    pixels = seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=str(source.SOPInstanceUID),
+        source_frame_numbers=[number for _, number in volume.frames],
+        segment_numbers=[1, 2, 3],
+    )
+    np.testing.assert_array_equal(np.moveaxis(pixels.astype(bool), -1, 0), masks)
+    sr = hd.sr.srread(sr_path)
+    assert sorted(_evidence(sr)) == sorted([str(source.SOPInstanceUID), str(seg.SOPInstanceUID)])
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    (volume_m,) = groups[0].get_measurements(name=codes.SCT.Volume)
+    assert volume_m.value == pytest.approx(int(masks[0].sum()) * volume.voxel_volume_ml)
+    (mean_m,) = groups[0].get_measurements(name=codes.DCM.MRSignalIntensity)
+    assert mean_m.value == pytest.approx(float(volume.array[masks[0]].mean(dtype=np.float64)))
+
+
+def test_seg_on_some_frames_of_an_instance(
+    test_data_dir: Path, segments: tuple[SegmentSpec, ...], dciodvfy: Dciodvfy, tmp_path: Path
+) -> None:
+    """Philips field map: the B0 volume is frames 33-64 of an instance whose frames
+    1-32 (magnitude) lie at the same positions; the SEG must name frames 33-64 only."""
+    path = test_data_dir / "enhanced_multiframe" / "philips_fieldmap" / "IM_0027_fMAP.dcm"
+    magnitude, field = load_volumes([path])
+    assert field.key == "real"
+    masks = np.stack([field.array > 0.0, field.array > 100.0, np.zeros(field.array.shape, bool)])
+    seg = _build_seg(field, masks, segments)
+    seg_path = tmp_path / "seg.dcm"
+    seg.save_as(seg_path)
+    errors, _ = dciodvfy(seg_path)
+    assert errors == []
+    back = hd.seg.segread(seg_path)
+    _check_frame_references(back, field, masks)
+    numbers = {
+        int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        for item in back.PerFrameFunctionalGroupsSequence
+    }
+    assert numbers <= set(range(33, 65))
+    measurements = measure_segments(field, masks, segments)
+    sr = _build_sr(back, field, measurements, segments)
+    sr_path = tmp_path / "sr.dcm"
+    sr.save_as(sr_path)
+    errors, _ = dciodvfy(sr_path)
+    assert errors == []
+    assert len(_evidence(sr)) == 2  # the one source instance, once, and the SEG
+
+
+def _split_multiframe(path: Path, folder: Path) -> list[Path]:
+    """Write the first and second half of the frames of ``path`` as two new instances."""
+    ds = pydicom.dcmread(path)
+    frames = ds.pixel_array
+    half = frames.shape[0] // 2
+    out = []
+    for part, selection in enumerate((slice(0, half), slice(half, None)), start=1):
+        piece = copy.deepcopy(ds)
+        piece.PerFrameFunctionalGroupsSequence = DicomSequence(
+            list(ds.PerFrameFunctionalGroupsSequence[selection])
+        )
+        piece.NumberOfFrames = len(piece.PerFrameFunctionalGroupsSequence)
+        piece.PixelData = np.ascontiguousarray(frames[selection]).tobytes()
+        piece.SOPInstanceUID = generate_uid()
+        piece.file_meta.MediaStorageSOPInstanceUID = piece.SOPInstanceUID
+        piece.InstanceNumber = part
+        target = folder / f"part{part}.dcm"
+        piece.save_as(target, enforce_file_format=True)
+        out.append(target)
+    return out
+
+
+def test_seg_on_a_stack_spread_over_two_instances(
+    xa30_path: Path, segments: tuple[SegmentSpec, ...], dciodvfy: Dciodvfy, tmp_path: Path
+) -> None:
+    (volume,) = load_volumes(_split_multiframe(xa30_path, tmp_path))
+    assert len(volume.datasets) == 2
+    masks, seg_path, sr_path = _seg_and_sr_files(volume, segments, tmp_path)
+    for path in (seg_path, sr_path):
+        errors, _ = dciodvfy(path)
+        assert errors == []
+    _check_frame_references(hd.seg.segread(seg_path), volume, masks)
+    evidence = _evidence(hd.sr.srread(sr_path))
+    assert len(evidence) == 3 and len(set(evidence)) == 3  # two sources and the SEG
+
+
+def test_seg_rejects_bad_frame_references(
+    xa30_path: Path, segments: tuple[SegmentSpec, ...]
+) -> None:
+    (volume,) = load_volumes([xa30_path])
+    masks = _mr_masks(volume)
+    for frames in (
+        volume.frames[:-1],  # one slice without a source
+        [(0, 97), *volume.frames[1:]],  # no frame 97
+        [(1, 1), *volume.frames[1:]],  # no dataset 1
+        [volume.frames[1], *volume.frames[1:]],  # one frame used twice
+    ):
+        bad = dataclasses.replace(volume, frames=frames)
+        with pytest.raises(ValueError):
+            _build_seg(bad, masks, segments)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.config import Destination, DicomSettings, Pipeline, load_settings
+from service.config import Destination, DicomSettings, load_settings
 from service.errors import ConfigError
 
 

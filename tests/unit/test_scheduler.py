@@ -226,7 +226,7 @@ def _spool_file(settings: Settings, factory: sessionmaker[Session], series_uid: 
     ds.save_as(path, enforce_file_format=True)
 
 
-@pytest.mark.parametrize(("body_part", "jobs"), [("ABDOMEN", 0), ("chest", 1)])
+@pytest.mark.parametrize(("body_part", "jobs"), [("ABDOMEN", 0), ("THORAX", 1)])
 def test_model_accept_conditions_read_the_series_header(
     session_factory: sessionmaker[Session], two_series: tuple[str, str], settings: Settings,
     clock: Clock, caplog: pytest.LogCaptureFixture, tmp_path: Path, body_part: str, jobs: int,

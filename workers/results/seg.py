@@ -7,6 +7,9 @@ Sources
 * DICOM PS3.3 C.12.1 SOP Common Module (Contributing Equipment Sequence).
 * DICOM PS3.16 CID 7150/7151 (segmented property category/type) and CID 7162
   (algorithm family; DCM 123110 "Artificial Intelligence").
+* DICOM PS3.3 C.7.6.16.2.6 (Derivation Image Functional Group) and C.7.6.1.1.3
+  (Referenced Frame Number): each SEG frame references the source frame it
+  was derived from, when the source is an enhanced multi-frame instance.
 * highdicom 0.28 :class:`highdicom.seg.Segmentation`, which builds the
   multi-frame functional groups, Derivation Image Sequence and Referenced
   Series Sequence from the source images.
@@ -14,17 +17,20 @@ Sources
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from workers.inference.base import Code, SegmentSpec, Volume
-from workers.results.measure import check_masks
+from workers.results.measure import check_masks, check_sources, source_instances
 from workers.results.uids import segment_tracking_uid
 
 __all__ = [
@@ -154,6 +160,120 @@ def segment_descriptions(
     return descriptions
 
 
+_POSITION_TOLERANCE_MM = 1e-2
+
+
+def _is_multiframe(ds: Dataset) -> bool:
+    """An enhanced (functional groups) or multi-frame instance (PS3.3 C.7.6.16)."""
+    return "PerFrameFunctionalGroupsSequence" in ds or _number_of_frames(ds) > 1
+
+
+def _number_of_frames(ds: Dataset) -> int:
+    value = ds.get("NumberOfFrames")
+    try:
+        return max(1, int(value)) if value not in (None, "") else 1
+    except (TypeError, ValueError):
+        return 1
+
+
+def _frame_position(ds: Dataset, number: int) -> tuple[float, float, float]:
+    """Image Position (Patient) of one frame, LPS mm (PS3.3 C.7.6.16.2.3)."""
+    if _is_multiframe(ds):
+        groups = [ds.PerFrameFunctionalGroupsSequence[number - 1]]
+        if "SharedFunctionalGroupsSequence" in ds:
+            groups.append(ds.SharedFunctionalGroupsSequence[0])
+        for group in groups:
+            if "PlanePositionSequence" in group:
+                x, y, z = (float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient)
+                return x, y, z
+        raise ValueError(f"frame {number} of instance {ds.SOPInstanceUID} has no plane position")
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    return x, y, z
+
+
+def _highdicom_source(ds: Dataset, number: int) -> Dataset:
+    """``ds`` as highdicom's SEG constructor can take it as a source image.
+
+    highdicom 0.28 reads Pixel Measures and Plane Orientation of a
+    multi-frame source from its Shared Functional Groups only ("Source images
+    must have a shared orientation"), while scanners such as Siemens XA put
+    them in every per-frame item (both are allowed, PS3.3 C.7.6.16). For
+    such an instance this returns a stand-in: a new dataset holding the same
+    elements (not converted, nothing deferred is read) whose Shared Functional
+    Groups also carry those two macros, copied from frame ``number`` (a slice
+    of the volume, so they are the volume's own geometry). ``ds`` itself is
+    not changed. Other datasets are returned as they are.
+    """
+    if not _is_multiframe(ds):
+        return ds
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared: Dataset = shared_seq[0] if shared_seq else Dataset()
+    missing = [
+        keyword
+        for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence")
+        if keyword not in shared
+    ]
+    if not missing:
+        return ds
+    per_frame = ds.PerFrameFunctionalGroupsSequence[number - 1]
+    item = Dataset({tag: shared.get_item(tag, keep_deferred=True) for tag in shared.keys()})
+    for keyword in missing:
+        if keyword in per_frame:
+            setattr(item, keyword, copy.deepcopy(per_frame[keyword].value))
+    proxy = Dataset({tag: ds.get_item(tag, keep_deferred=True) for tag in ds.keys()})
+    proxy.SharedFunctionalGroupsSequence = [item]
+    if hasattr(ds, "file_meta"):
+        proxy.file_meta = ds.file_meta
+    return proxy
+
+
+def _reference_source_frames(
+    seg: hd.seg.Segmentation,
+    sources: Sequence[tuple[Dataset, int]],
+    positions: npt.NDArray[np.float64],
+) -> None:
+    """Make each SEG frame's Derivation Image Sequence name its slice's source frame.
+
+    Parameters
+    ----------
+    seg : highdicom.seg.Segmentation
+        Built with ``plane_positions`` equal to ``positions``; changed in place.
+    sources : Sequence[tuple[pydicom.dataset.Dataset, int]]
+        Per slice: source instance and 1-based frame number.
+    positions : numpy.ndarray
+        Shape ``(slices, 3)``: Image Position (Patient) of each slice, LPS mm.
+
+    Raises
+    ------
+    ValueError
+        If a SEG frame lies at no slice position.
+    """
+    derivation_code = hd.sr.CodedConcept.from_code(codes.cid7203.SegmentationImageDerivation)
+    purpose_code = hd.sr.CodedConcept.from_code(
+        codes.cid7202.SourceImageForImageProcessingOperation
+    )
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        ipp = np.asarray(
+            [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        )
+        distances = np.linalg.norm(positions - ipp, axis=1)
+        k = int(np.argmin(distances))
+        if float(distances[k]) > _POSITION_TOLERANCE_MM:
+            raise ValueError(f"SEG frame at {ipp.tolist()} matches no slice of the volume")
+        ds, number = sources[k]
+        source = Dataset()
+        source.ReferencedSOPClassUID = ds.SOPClassUID
+        source.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        if _is_multiframe(ds):
+            source.ReferencedFrameNumber = number
+        source.PurposeOfReferenceCodeSequence = [purpose_code]
+        source.SpatialLocationsPreserved = "YES"
+        derivation = Dataset()
+        derivation.DerivationCodeSequence = [derivation_code]
+        derivation.SourceImageSequence = [source]
+        item.DerivationImageSequence = [derivation]
+
+
 def build_seg(
     volume: Volume,
     masks: npt.NDArray[np.bool_],
@@ -178,10 +298,13 @@ def build_seg(
     Parameters
     ----------
     volume : Volume
-        The source series. ``volume.datasets[i]`` is the source image of slice
-        ``i`` of ``volume.array`` (shape ``(slices, rows, columns)``); only
-        their metadata is used. They must be single-frame images of one series
-        with a Frame of Reference UID.
+        The source series, ``volume.array`` of shape ``(slices, rows,
+        columns)``; only the metadata of its source instances is used. Slice
+        ``k`` was made from frame ``volume.slice_frames[k]`` (``(index into
+        volume.datasets, 1-based frame number)``): single-frame images (one
+        dataset per slice, the default when ``volume.frames`` is empty) or
+        frames of enhanced multi-frame images (PS3.3 C.7.6.16), all of one
+        series with a Frame of Reference UID.
     masks : numpy.ndarray
         Boolean, shape ``(segments, slices, rows, columns)`` on the grid of
         ``volume.array``; channel ``i`` is ``segments[i]`` and becomes Segment
@@ -223,30 +346,42 @@ def build_seg(
         stored (PS3.3 C.8.20.2 allows this; a segment that is empty
         everywhere then has no frames). Reading back with highdicom by
         source instance or as a volume fills them with zeros. If False, every
-        segment has one frame per source image.
+        segment has one frame per slice.
 
     Returns
     -------
     highdicom.seg.Segmentation
         SEG (Segmentation Storage 1.2.840.10008.5.1.4.1.1.66.4), Segmentation
         Type BINARY, Explicit VR Little Endian, in the source study and
-        Frame of Reference, referencing every source image (Referenced Series
-        Sequence and per-frame Derivation Image Sequence), with pixel
+        Frame of Reference, referencing every source instance once
+        (Referenced Series Sequence, Source Image Sequence), with pixel
         measures, plane orientation and plane positions copied from the
-        source images.
+        source images. Each frame's Derivation Image Sequence names exactly
+        the source of its slice: the single-frame image, or the instance and
+        Referenced Frame Number (0008,1160) of a multi-frame source.
 
     Raises
     ------
     ValueError
-        If ``masks`` does not match ``volume`` or ``segments``, the number of
-        datasets differs from the number of slices, or highdicom rejects the
-        source images (e.g. mixed series, no Frame of Reference).
+        If ``masks`` does not match ``volume`` or ``segments``, the slices'
+        frame references do not match ``volume.datasets`` (see
+        :func:`workers.results.measure.check_sources`), or highdicom rejects
+        the source images (e.g. mixed series, no Frame of Reference).
+
+    Notes
+    -----
+    Single-frame sources (and a volume that holds every frame of one
+    multi-frame instance) are handed to highdicom as they are, with the masks
+    in source order, so it copies positions and references itself. Otherwise
+    (a subset of an instance's frames, e.g. one echo of several, or frames of
+    several multi-frame instances) highdicom is given the slices' plane
+    positions and further source images, and each SEG frame's Derivation
+    Image Sequence is then set to the one source frame of its slice, since
+    highdicom matches by position and would also reference other frames at
+    the same position.
     """
     check_masks(volume, masks, segments)
-    if len(volume.datasets) != volume.array.shape[0]:
-        raise ValueError(
-            f"volume has {volume.array.shape[0]} slices but {len(volume.datasets)} datasets"
-        )
+    sources = check_sources(volume)
     descriptions = segment_descriptions(
         volume,
         segments,
@@ -266,24 +401,56 @@ def build_seg(
     # highdicom wants the segments on the last axis: (frames, rows, columns,
     # segments), frame i aligned with source_images[i]. A view, no copy.
     pixel_array = np.moveaxis(masks, 0, -1)
-    seg = hd.seg.Segmentation(
-        source_images=volume.datasets,
-        pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions,
-        device_serial_number=device_serial_number,
-        content_description=f"{algorithm_name} {algorithm_version}"[:64],
-        content_creator_name=content_creator_name,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        omit_empty_frames=omit_empty_frames,
-        contributing_equipment=[processing],
-        series_description=series_description,
+
+    def make(
+        source_images: Sequence[Dataset], array: npt.NDArray[np.bool_], **extra: Any
+    ) -> hd.seg.Segmentation:
+        return hd.seg.Segmentation(
+            source_images=source_images,
+            pixel_array=array,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer=manufacturer,
+            manufacturer_model_name=manufacturer_model_name,
+            software_versions=software_versions,
+            device_serial_number=device_serial_number,
+            content_description=f"{algorithm_name} {algorithm_version}"[:64],
+            content_creator_name=content_creator_name,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            omit_empty_frames=omit_empty_frames,
+            contributing_equipment=[processing],
+            series_description=series_description,
+            **extra,
+        )
+
+    if not any(_is_multiframe(ds) for ds, _ in sources):
+        return make([ds for ds, _ in sources], pixel_array)
+
+    first, first_number = sources[0]
+    numbers = [number for _, number in sources]
+    if all(ds is first for ds, _ in sources) and sorted(numbers) == list(
+        range(1, _number_of_frames(first) + 1)
+    ):
+        # Every frame of one instance: masks in the source's frame order.
+        slice_of_frame = np.empty(len(numbers), dtype=np.intp)
+        slice_of_frame[np.asarray(numbers) - 1] = np.arange(len(numbers))
+        return make([_highdicom_source(first, first_number)], pixel_array[slice_of_frame])
+
+    first_frames = {id(ds): number for ds, number in reversed(sources)}
+    instances = [_highdicom_source(ds, first_frames[id(ds)]) for ds in source_instances(volume)]
+    positions = np.asarray([_frame_position(ds, number) for ds, number in sources])
+    seg = make(
+        [instances[0]],
+        pixel_array,
+        further_source_images=instances[1:],
+        plane_positions=[
+            hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, tuple(ipp))
+            for ipp in positions
+        ],
     )
+    _reference_source_frames(seg, sources, positions)
     return seg

@@ -26,6 +26,7 @@ from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import SegmentationStorage
 
 from workers.inference.base import SegmentMeasurement, SegmentSpec, Volume
+from workers.results.measure import source_instances
 from workers.results.seg import RADNODE_SOFTWARE_VERSION, coded_concept
 from workers.results.uids import device_observer_uid, segment_tracking_uid
 
@@ -123,9 +124,11 @@ def build_sr(
         The SEG the measurements refer to (e.g. from
         :func:`workers.results.seg.build_seg`), same study as ``volume``.
     volume : Volume
-        The source series; ``volume.datasets`` (one per slice) supply the
-        patient and study information and are listed, with ``seg``, in the
-        Current Requested Procedure Evidence Sequence.
+        The source series; ``volume.datasets`` supply the patient and study
+        information, and each distinct source instance (one per slice for
+        single-frame images, each multi-frame instance once, see
+        :func:`workers.results.measure.source_instances`) is listed, with
+        ``seg``, in the Current Requested Procedure Evidence Sequence.
     measurements : Sequence[SegmentMeasurement]
         From :func:`workers.results.measure.measure_segments`; volumes in mL,
         means in the unit of ``volume.array`` (HU for CT).
@@ -165,14 +168,16 @@ def build_sr(
     ValueError
         If ``seg`` is not a Segmentation, belongs to another study, or lacks a
         segment that a measurement refers to; if there are no measurements;
-        or if a measurement's segment number or label does not match
-        ``segments``.
+        if a measurement's segment number or label does not match
+        ``segments``; or if the volume's frame references do not match its
+        datasets (:func:`workers.results.measure.check_sources`).
     """
     if not measurements:
         raise ValueError("at least one measurement is required (TID 1500 row 6)")
     if seg.SOPClassUID not in (SegmentationStorage, LABEL_MAP_SEGMENTATION_STORAGE):
         raise ValueError(f"seg has SOP Class UID {seg.SOPClassUID}, not a Segmentation")
-    source = volume.datasets[0]
+    evidence_images = source_instances(volume)
+    source = evidence_images[0]
     if seg.StudyInstanceUID != source.StudyInstanceUID:
         raise ValueError("seg and volume belong to different studies")
     seg_numbers = {int(item.SegmentNumber) for item in seg.SegmentSequence}
@@ -262,7 +267,7 @@ def build_sr(
         contribution_description=f"Automatic segmentation by {algorithm_name} {algorithm_version}",
     )
     return hd.sr.Comprehensive3DSR(
-        evidence=[*volume.datasets, seg],
+        evidence=[*evidence_images, seg],
         content=report[0],
         series_instance_uid=series_instance_uid,
         series_number=series_number,
