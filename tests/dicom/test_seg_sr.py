@@ -19,7 +19,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from workers.inference.base import SegmentMeasurement, SegmentSpec, Volume
-from workers.inference.volume import load_volumes
+from workers.inference.volume import load_series, load_volumes
 from workers.results.measure import measure_segments
 from workers.results.seg import build_seg
 from workers.results.sr import build_sr
@@ -720,3 +720,22 @@ def test_seg_rejects_bad_frame_references(
         bad = dataclasses.replace(volume, frames=frames)
         with pytest.raises(ValueError):
             _build_seg(bad, masks, segments)
+
+
+def test_source_with_empty_specific_character_set(
+    test_data_dir: Path, tmp_path: Path, threshold_masks: Masker, segments: tuple[SegmentSpec, ...],
+    dciodvfy: Dciodvfy,
+) -> None:
+    """dcmqi's three real CT slices carry an empty Specific Character Set (default repertoire)."""
+    folder = test_data_dir / "seg_sr" / "dcmqi_ct_liver_seg" / "ct_3slice"
+    volume = load_series(sorted(folder.glob("*.dcm")))
+    assert volume.datasets[0].SpecificCharacterSet == ""
+    masks = threshold_masks(volume)
+    seg = _build_seg(volume, masks, segments)
+    sr = _build_sr(seg, volume, measure_segments(volume, masks, segments), segments)
+    for name, ds in (("seg", seg), ("sr", sr)):
+        assert "SpecificCharacterSet" not in ds  # left out: default repertoire
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path)
+        errors, _ = dciodvfy(path)
+        assert errors == []

@@ -32,7 +32,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 
 from workers.inference.base import ClassSpec, Code, Volume
-from workers.results.seg import RADNODE_SOFTWARE_VERSION, coded_concept
+from workers.results.seg import RADNODE_SOFTWARE_VERSION, character_set, coded_concept
 from workers.results.sr import procedure_reported
 from workers.results.uids import device_observer_uid, result_uid
 
@@ -326,6 +326,7 @@ def build_classification_sr(
     return hd.sr.Comprehensive3DSR(
         evidence=list(volume.datasets),
         content=report[0],
+        specific_character_set=character_set(volume.datasets[0]),
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,

@@ -49,7 +49,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from workers.inference.base import SegmentSpec, Volume
 from workers.results.measure import check_masks
-from workers.results.seg import RADNODE_SOFTWARE_VERSION
+from workers.results.seg import RADNODE_SOFTWARE_VERSION, character_set
 
 __all__ = [
     "CT_SOFT_TISSUE_WINDOW",
@@ -133,6 +133,26 @@ _ATTRIBUTES_FROM_SOURCE: Final = (
     "BodyPartExamined",
     "Laterality",
 )
+
+
+#: Body Part Examined values of paired structures (DICOM PS3.16 Annex L).
+_PAIRED_BODY_PARTS: Final = frozenset({
+    "ANKLE", "ARM", "BREAST", "CLAVICLE", "EAR", "ELBOW", "EXTREMITY", "EYE", "FEMUR",
+    "FINGER", "FOOT", "FOREARM", "HAND", "HIP", "HUMERUS", "KIDNEY", "KNEE", "LEG",
+    "LOWER LIMB", "LUNG", "OVARY", "SCAPULA", "SHOULDER", "TESTIS", "THIGH", "TIBIA",
+    "TOE", "UPPER LIMB", "WRIST",
+})
+
+
+def _laterality_required(source: Dataset) -> bool:
+    """Whether Laterality (0020,0060), Type 2C, must be present (empty if unknown).
+
+    PS3.3 C.7.3.1: required when the body part examined is a paired structure;
+    when the source does not say which body part it shows, validators treat
+    it as possibly paired, so an empty value is written.
+    """
+    part = str(source.get("BodyPartExamined", "") or "").strip().upper()
+    return not part or part in _PAIRED_BODY_PARTS
 
 
 def default_window(volume: Volume) -> tuple[float, float]:
@@ -503,11 +523,16 @@ def build_overlay_sc(
         # Patient and study attributes are copied rather than passed to
         # highdicom, whose name checks would quote the patient's name in a
         # warning.
-        if "SpecificCharacterSet" in source:
-            image.SpecificCharacterSet = source.SpecificCharacterSet
+        charset = character_set(source)
+        if charset is not None:
+            image.SpecificCharacterSet = charset
         for keyword in _ATTRIBUTES_FROM_SOURCE:
             if keyword in source:
+                if keyword == "Laterality" and not source[keyword].value:
+                    continue  # decided below
                 image[keyword] = copy.deepcopy(source[keyword])
+        if "Laterality" not in image and _laterality_required(source):
+            image.Laterality = ""
         image.PatientOrientation = [rows_dir, cols_dir]
         image.ImageType = ["DERIVED", "SECONDARY"]
         image.ConversionType = "WSD"

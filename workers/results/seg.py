@@ -50,6 +50,19 @@ def _radnode_version() -> str:
 
 
 RADNODE_SOFTWARE_VERSION = _radnode_version()
+
+
+def character_set(source: Dataset) -> str | list[str] | None:
+    """Specific Character Set (0008,0005) a result copies from its source.
+
+    ``None`` when the source has none or an empty one (both mean the default
+    repertoire, DICOM PS3.5 6.1.2.1), so the attribute is left out instead of
+    being written empty (highdicom refuses an empty value).
+    """
+    value = source.get("SpecificCharacterSet")
+    if value is None or value == "" or (not isinstance(value, str) and not list(value)):
+        return None
+    return str(value) if isinstance(value, str) else [str(v) for v in value]
 """Version of the installed ``radnode`` distribution ("unknown" when run from a
 source tree that is not installed); the default Software Versions (0018,1020)."""
 
@@ -405,6 +418,7 @@ def build_seg(
     def make(
         source_images: Sequence[Dataset], array: npt.NDArray[np.bool_], **extra: Any
     ) -> hd.seg.Segmentation:
+        extra.setdefault("specific_character_set", character_set(source_images[0]))
         return hd.seg.Segmentation(
             source_images=source_images,
             pixel_array=array,

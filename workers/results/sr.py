@@ -27,7 +27,7 @@ from pydicom.uid import SegmentationStorage
 
 from workers.inference.base import SegmentMeasurement, SegmentSpec, Volume
 from workers.results.measure import source_instances
-from workers.results.seg import RADNODE_SOFTWARE_VERSION, coded_concept
+from workers.results.seg import RADNODE_SOFTWARE_VERSION, character_set, coded_concept
 from workers.results.uids import device_observer_uid, segment_tracking_uid
 
 __all__ = ["MILLILITER", "build_sr", "mean_concept", "procedure_reported"]
@@ -269,6 +269,7 @@ def build_sr(
     return hd.sr.Comprehensive3DSR(
         evidence=[*evidence_images, seg],
         content=report[0],
+        specific_character_set=character_set(evidence_images[0]),
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
