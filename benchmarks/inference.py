@@ -5,7 +5,7 @@ seconds to decode the series with pydicom in a plain loop and with radnode's
 loader, to run each built-in model, to encode the SEG and the TID 1500 SR, and
 the peak resident memory (RSS, sampled every 5 ms) of each stage.
 
-    .venv/bin/python benchmarks/inference.py [--repeats 3] [--device cpu|cuda]
+    .venv/bin/python benchmarks/inference.py [--repeats 5] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,11 +115,13 @@ def _bench(name: str, folder: Path, model: SegmentationModel, device: str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data", type=Path, default=Path(
         os.environ.get("RADNODE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared/data")))
     args = parser.parse_args()
+    # highdicom's person-name check would print the Patient's Name of the data.
+    warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
     import torch
     rows = _bench("CT 134x512x512", args.data / "ct_abdomen_pancreas_tcia", BuiltinCTModel(),
                   args.device, args.repeats)

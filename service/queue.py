@@ -65,7 +65,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue="gpu",
         task_create_missing_queues=True,
         task_time_limit=settings.worker.time_limit_s,
-        task_soft_time_limit=max(settings.worker.time_limit_s - 30, 5),
+        task_soft_time_limit=max(int(settings.worker.time_limit_s * 0.9), 5),
         worker_hijack_root_logger=False,
         worker_enable_remote_control=not settings.embedded_broker,
         worker_send_task_events=False,
