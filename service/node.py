@@ -17,9 +17,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
 
 from service.config import Settings, dump_settings
-from service.db import migrate
+from service.db import migrate, repository
 from service.db.models import Delivery
-from service.db.session import make_engine, make_session_factory
+from service.db.session import make_engine, make_session_factory, utcnow
 from service.queue import make_celery
 from service.retention import purge_due
 from service.scheduler import Loop, complete_and_route, deliver_due, publish_pending, sweep_jobs
@@ -142,7 +142,12 @@ class Node:
             # A delivery interrupted by a stop is tried again.
             session.execute(update(Delivery).where(Delivery.state == "sending")
                             .values(state="pending"))
+            # A series cut off by the stop gets a full quiet period to be resent.
+            interrupted = repository.restart_completion_clock(session=session, now=utcnow())
             session.commit()
+        if interrupted:
+            log.info("%d series were receiving when the node stopped: their quiet period "
+                     "starts again now", interrupted)
         app = make_celery(s)
         if s.broker.embedded_worker:
             self._worker = EmbeddedWorker(s)

@@ -40,7 +40,8 @@ def purge_time(series: Series, settings: Settings) -> datetime | None:
         return None
     deliveries = [d for job in jobs for result in job.results for d in result.deliveries]
     delivered = (
-        bool(jobs) and all(job.state == "succeeded" for job in jobs)
+        bool(jobs) and all(job.state in ("succeeded", "superseded") for job in jobs)
+        and any(job.state == "succeeded" for job in jobs)
         and bool(deliveries) and all(d.state == "sent" for d in deliveries)
     )
     if delivered and cfg.after_delivery_h > 0:

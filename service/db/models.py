@@ -6,7 +6,8 @@ Series.state: ``receiving`` → ``complete`` (back to ``receiving`` when a late
 instance arrives; the series is analysed again once complete again) →
 ``purged`` (retention removed its instances from the spool).
 Job.state: ``pending`` (row written) → ``queued`` (published to the broker) →
-``running`` → ``succeeded`` | ``failed``. A running job whose worker stopped
+``running`` → ``succeeded`` | ``failed``; ``superseded`` when the series was
+completed again (late instances) before the job started. A running job whose worker stopped
 renewing ``heartbeat_at`` goes back to ``queued`` (or ``failed`` after the
 last attempt); a queued job not started in time is published again.
 Delivery.state: ``pending`` → ``sending`` → ``sent`` | ``failed`` (after the

@@ -193,7 +193,20 @@ def add_job(
     destinations: Sequence[str],
     now: datetime,
 ) -> Job:
-    """Add a ``pending`` job for a series; it is published after commit."""
+    """Add a ``pending`` job for a series; it is published after commit.
+
+    Earlier jobs of the same series and model that have not started
+    (``pending``/``queued``: the series was completed again after late
+    instances) become ``superseded``: the new job analyses the whole series
+    once, and a worker never claims a superseded job.
+    """
+    session.execute(
+        update(Job)
+        .where(Job.series_id == series.id, Job.model_name == model_name,
+               Job.state.in_(("pending", "queued")))
+        .values(state="superseded", finished_at=now,
+                error="superseded: the series received more instances and was queued again")
+    )
     job = Job(
         series_id=series.id,
         task_name=task_name,
@@ -206,6 +219,20 @@ def add_job(
     )
     session.add(job)
     return job
+
+
+def restart_completion_clock(*, session: Session, now: datetime) -> int:
+    """Give series that were receiving when the node stopped a fresh quiet period.
+
+    The time the node was down is no evidence that a series is complete (the
+    sender could not reach it), so their last activity becomes ``now`` and
+    any association-release evidence is dropped. Returns how many series.
+    """
+    result = session.execute(
+        update(Series).where(Series.state == "receiving")
+        .values(last_received_at=now, released_at=None)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def claim_job(job_id: int, *, session: Session, now: datetime, stale_before: datetime) -> bool:

@@ -119,8 +119,12 @@ def test_sigkill_node_mid_transfer_then_restart(
     assert sorted(pacs_results(storescp_pacs.folder).values()) == ["SEG", "SR"]
     assert spool_is_consistent(restarted.folder) == 134
     assert query(restarted.folder, "select sum(duplicates) from instances") == [(acknowledged,)]
+    # Processed once: the interrupted series got a fresh quiet period at restart, so it
+    # completes once, with all 134 instances.
     assert query(restarted.folder, "select state, count(*) from jobs group by state") == [
         ("succeeded", 1)]
+    assert query(restarted.folder, "select instance_count, completion_reason from series") == [
+        (134, "association_released")]
     assert query(restarted.folder, "select state, count(*) from deliveries group by state") == [
         ("sent", 2)]
 

@@ -261,3 +261,35 @@ def test_time_limits_per_model(settings: Settings, tmp_path: Path) -> None:
     assert scheduler.time_limits(settings, "slow") == (3600, 3240)
     assert scheduler.time_limits(settings, "radnode-builtin-ct") == (
         settings.worker.time_limit_s, int(settings.worker.time_limit_s * 0.9))
+
+
+def test_a_job_not_started_is_superseded_when_the_series_completes_again(
+    session_factory: sessionmaker[Session], two_series: tuple[str, str], settings: Settings,
+    clock: Clock,
+) -> None:
+    ct, _mr = two_series
+    settings = _ct_only(settings)
+    clock.at(6)
+    assert scheduler.complete_and_route(settings, session_factory) == 1
+    assert record(session_factory, series_uid=ct, modality="CT", at=T0 + timedelta(seconds=7))
+    clock.at(13)
+    assert scheduler.complete_and_route(settings, session_factory) == 1
+    first, second = _jobs(session_factory)
+    assert (first.state, second.state) == ("superseded", "pending")
+    with session_factory() as session:  # a worker that gets the old message drops it
+        assert not repository.claim_job(first.id, session=session, now=T0,
+                                         stale_before=T0)
+
+
+def test_restart_gives_interrupted_series_a_fresh_quiet_period(
+    session_factory: sessionmaker[Session], two_series: tuple[str, str], settings: Settings,
+    clock: Clock,
+) -> None:
+    with session_factory() as session:
+        assert repository.restart_completion_clock(
+            session=session, now=T0 + timedelta(seconds=60)) == 2
+        session.commit()
+    clock.at(62)  # 62 s after the last instance, but 2 s after the restart
+    assert scheduler.complete_and_route(settings, session_factory) == 0
+    clock.at(66)
+    assert scheduler.complete_and_route(settings, session_factory) == 2
