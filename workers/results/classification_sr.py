@@ -28,13 +28,12 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
-from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 
 from workers.inference.base import ClassSpec, Code, Volume
-from workers.results.seg import RADNODE_SOFTWARE_VERSION, character_set, coded_concept
-from workers.results.sr import procedure_reported
-from workers.results.uids import device_observer_uid, result_uid
+from workers.results.seg import RADNODE_SOFTWARE_VERSION, coded_concept
+from workers.results.sr import algorithm_identification, measurement_report
+from workers.results.uids import result_uid
 
 __all__ = [
     "EQUIVALENT_MEANING",
@@ -276,12 +275,7 @@ def build_classification_sr(
     source_series_uid = str(source.SeriesInstanceUID)
     modality = str(getattr(source, "Modality", volume.modality) or volume.modality)
 
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=algorithm_name,
-        version=algorithm_version,
-        family=codes.DCM.ArtificialIntelligence,
-        manufacturer=manufacturer,
-    )
+    algorithm = algorithm_identification(algorithm_name, algorithm_version, manufacturer)
     measurements = [
         _probability_measurement(spec, float(p), concept, algorithm)
         for spec, p in zip(classes, values, strict=True)
@@ -299,45 +293,12 @@ def build_classification_sr(
         ],
         source_images=_source_images(volume),
     )
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_observer_uid(algorithm_name, algorithm_version),
-            name=algorithm_name,
-            manufacturer_name=manufacturer,
-            model_name=f"{algorithm_name} {algorithm_version}",
-        ),
-    )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=procedure_reported(modality),
-        imaging_measurements=[group],
-        title=codes.cid7021.ImagingMeasurementReport,
-    )
-    processing = hd.ContributingEquipment(
-        manufacturer=manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=algorithm_name,
-        software_versions=algorithm_version,
-        contribution_description=(
-            f"Automatic classification by {algorithm_name} {algorithm_version}"
-        )[:1024],
-    )
-    return hd.sr.Comprehensive3DSR(
-        evidence=list(volume.datasets),
-        content=report[0],
-        specific_character_set=character_set(volume.datasets[0]),
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        institution_name=institution_name,
-        contributing_equipment=[processing],
-        series_description=series_description,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions,
+    return measurement_report(
+        [group], evidence=volume.datasets, modality=modality,
+        algorithm_name=algorithm_name, algorithm_version=algorithm_version,
+        contribution=f"Automatic classification by {algorithm_name} {algorithm_version}",
+        series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
+        series_number=series_number, series_description=series_description,
+        manufacturer=manufacturer, manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions, institution_name=institution_name,
     )

@@ -185,12 +185,7 @@ def build_sr(
     modality = str(getattr(source, "Modality", volume.modality) or volume.modality)
     mean_codes = mean_concept(modality)
 
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=algorithm_name,
-        version=algorithm_version,
-        family=codes.DCM.ArtificialIntelligence,
-        manufacturer=manufacturer,
-    )
+    algorithm = algorithm_identification(algorithm_name, algorithm_version, manufacturer)
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
     for measurement in measurements:
         number = measurement.segment_number
@@ -244,6 +239,59 @@ def build_sr(
             )
         )
 
+    return measurement_report(
+        groups, evidence=[*evidence_images, seg], modality=modality,
+        algorithm_name=algorithm_name, algorithm_version=algorithm_version,
+        contribution=f"Automatic segmentation by {algorithm_name} {algorithm_version}",
+        series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
+        series_number=series_number, series_description=series_description,
+        manufacturer=manufacturer, manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions, institution_name=institution_name,
+    )
+
+
+def algorithm_identification(name: str, version: str,
+                             manufacturer: str) -> hd.sr.AlgorithmIdentification:
+    """Algorithm Identification (TID 4019) of an AI model (family DCM "Artificial Intelligence")."""
+    return hd.sr.AlgorithmIdentification(
+        name=name, version=version, family=codes.DCM.ArtificialIntelligence,
+        manufacturer=manufacturer,
+    )
+
+
+def measurement_report(
+    groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations
+                     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations],
+    *,
+    evidence: Sequence[Dataset],
+    modality: str,
+    algorithm_name: str,
+    algorithm_version: str,
+    contribution: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    series_description: str,
+    manufacturer: str,
+    manufacturer_model_name: str,
+    software_versions: str,
+    institution_name: str | None,
+) -> hd.sr.Comprehensive3DSR:
+    """Wrap measurement groups in a TID 1500 Measurement Report document.
+
+    The model is the device observer (Device Observer UID from
+    :func:`workers.results.uids.device_observer_uid`) and a Contributing
+    Equipment item (DCM 109102 "Processing Equipment", described by
+    ``contribution``); Procedure Reported follows ``modality``
+    (:func:`procedure_reported`); the Specific Character Set is the first
+    evidence instance's (:func:`workers.results.seg.character_set`).
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        Explicit VR Little Endian, in the evidence's study, Completion Flag
+        COMPLETE, Verification Flag UNVERIFIED, Preliminary Flag PRELIMINARY.
+    """
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -256,7 +304,7 @@ def build_sr(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=procedure_reported(modality),
-        imaging_measurements=groups,
+        imaging_measurements=list(groups),
         title=codes.cid7021.ImagingMeasurementReport,
     )
     processing = hd.ContributingEquipment(
@@ -264,12 +312,12 @@ def build_sr(
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=algorithm_name,
         software_versions=algorithm_version,
-        contribution_description=f"Automatic segmentation by {algorithm_name} {algorithm_version}",
+        contribution_description=contribution[:1024],
     )
     return hd.sr.Comprehensive3DSR(
-        evidence=[*evidence_images, seg],
+        evidence=list(evidence),
         content=report[0],
-        specific_character_set=character_set(evidence_images[0]),
+        specific_character_set=character_set(evidence[0]),
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
