@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -11,13 +10,12 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from tests.unit.dicom_factory import split_multiframe
 from workers.inference.base import SegmentMeasurement, SegmentSpec, Volume
 from workers.inference.volume import load_series, load_volumes
 from workers.results.measure import measure_segments
@@ -670,32 +668,10 @@ def test_seg_on_some_frames_of_an_instance(
     assert len(_evidence(sr)) == 2  # the one source instance, once, and the SEG
 
 
-def _split_multiframe(path: Path, folder: Path) -> list[Path]:
-    """Write the first and second half of the frames of ``path`` as two new instances."""
-    ds = pydicom.dcmread(path)
-    frames = ds.pixel_array
-    half = frames.shape[0] // 2
-    out = []
-    for part, selection in enumerate((slice(0, half), slice(half, None)), start=1):
-        piece = copy.deepcopy(ds)
-        piece.PerFrameFunctionalGroupsSequence = DicomSequence(
-            list(ds.PerFrameFunctionalGroupsSequence[selection])
-        )
-        piece.NumberOfFrames = len(piece.PerFrameFunctionalGroupsSequence)
-        piece.PixelData = np.ascontiguousarray(frames[selection]).tobytes()
-        piece.SOPInstanceUID = generate_uid()
-        piece.file_meta.MediaStorageSOPInstanceUID = piece.SOPInstanceUID
-        piece.InstanceNumber = part
-        target = folder / f"part{part}.dcm"
-        piece.save_as(target, enforce_file_format=True)
-        out.append(target)
-    return out
-
-
 def test_seg_on_a_stack_spread_over_two_instances(
     xa30_path: Path, segments: tuple[SegmentSpec, ...], dciodvfy: Dciodvfy, tmp_path: Path
 ) -> None:
-    (volume,) = load_volumes(_split_multiframe(xa30_path, tmp_path))
+    (volume,) = load_volumes(split_multiframe(xa30_path, tmp_path))
     assert len(volume.datasets) == 2
     masks, seg_path, sr_path = _seg_and_sr_files(volume, segments, tmp_path)
     for path in (seg_path, sr_path):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
@@ -74,3 +77,25 @@ def write_ct_file(path: Path, **kwargs: object) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def split_multiframe(path: Path, folder: Path) -> list[Path]:
+    """Write the first and second half of the frames of ``path`` as two new instances."""
+    ds = pydicom.dcmread(path)
+    frames = ds.pixel_array
+    half = frames.shape[0] // 2
+    out = []
+    for part, selection in enumerate((slice(0, half), slice(half, None)), start=1):
+        piece = copy.deepcopy(ds)
+        piece.PerFrameFunctionalGroupsSequence = DicomSequence(
+            list(ds.PerFrameFunctionalGroupsSequence[selection])
+        )
+        piece.NumberOfFrames = len(piece.PerFrameFunctionalGroupsSequence)
+        piece.PixelData = np.ascontiguousarray(frames[selection]).tobytes()
+        piece.SOPInstanceUID = generate_uid()
+        piece.file_meta.MediaStorageSOPInstanceUID = piece.SOPInstanceUID
+        piece.InstanceNumber = part
+        target = folder / f"part{part}.dcm"
+        piece.save_as(target, enforce_file_format=True)
+        out.append(target)
+    return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import re
@@ -18,6 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from tests.unit.dicom_factory import split_multiframe
 from workers.inference.base import Volume
 from workers.inference.volume import VolumeError, decode_frames, load_series, load_volumes
 
@@ -855,28 +855,6 @@ def test_real_xa30_split_into_two_instances(enhanced_dir: Path, tmp_path: Path) 
     np.testing.assert_array_equal(volume.array, whole.array)
     np.testing.assert_allclose(volume.affine, whole.affine)
     assert {index for index, _ in volume.frames} == {0, 1}
-
-
-def split_multiframe(path: Path, folder: Path) -> list[Path]:
-    """Write the first and second half of the frames of ``path`` as two new instances."""
-    ds = pydicom.dcmread(path)
-    frames = ds.pixel_array
-    half = frames.shape[0] // 2
-    out = []
-    for part, selection in enumerate((slice(0, half), slice(half, None)), start=1):
-        piece = copy.deepcopy(ds)
-        piece.PerFrameFunctionalGroupsSequence = DicomSequence(
-            list(ds.PerFrameFunctionalGroupsSequence[selection])
-        )
-        piece.NumberOfFrames = len(piece.PerFrameFunctionalGroupsSequence)
-        piece.PixelData = np.ascontiguousarray(frames[selection]).tobytes()
-        piece.SOPInstanceUID = generate_uid()
-        piece.file_meta.MediaStorageSOPInstanceUID = piece.SOPInstanceUID
-        piece.InstanceNumber = part
-        target = folder / f"part{part}.dcm"
-        piece.save_as(target, enforce_file_format=True)
-        out.append(target)
-    return out
 
 
 def test_real_deflated_file(test_data_dir: Path) -> None:
