@@ -22,7 +22,7 @@ from service import queue
 from service.config import Destination, Settings
 from service.db import repository
 from service.db.models import Delivery
-from service.db.session import utcnow
+from service.db.session import as_utc, utcnow
 from service.dicom.scu import store_files
 from service.model_spec import model_attributes
 
@@ -167,10 +167,8 @@ def sweep_jobs(settings: Settings, session_factory: sessionmaker[Session]) -> in
         for job in repository.lost_jobs(session=session, stale_before=stale):
             touched += 1
             hard, _ = time_limits(settings, job.model_name)
-            started = job.started_at
-            if started is not None and started.tzinfo is None:  # SQLite drops the zone
-                started = started.replace(tzinfo=now.tzinfo)
-            if started is not None and (now - started).total_seconds() >= hard:
+            if job.started_at is not None and (
+                    now - as_utc(job.started_at)).total_seconds() >= hard:
                 job.state = "failed"
                 job.finished_at = now
                 job.error = (f"time limit exceeded: ran {hard} s or more (hard limit of "

@@ -122,8 +122,9 @@ class FakeCelery:
     def __init__(self) -> None:
         self.sent: list[tuple[str, list[int], str]] = []
 
-    def send_task(self, name: str, args: list[int], queue: str) -> None:
+    def send_task(self, name: str, args: list[int], queue: str, **limits: int) -> None:
         self.sent.append((name, args, queue))
+        self.limits = limits
 
 
 def test_sweeper_requeues_lost_and_unstarted_jobs(
@@ -151,6 +152,32 @@ def test_sweeper_requeues_lost_and_unstarted_jobs(
         assert failed is not None and "worker lost" in (failed.error or "")
     assert states == {lost: "queued", exhausted: "failed", fresh: "queued",
                       unstarted: "queued"}
+
+
+def test_job_lost_after_its_hard_time_limit_fails_and_is_not_retried(
+    session_factory: sessionmaker[Session], settings: Settings, clock: Clock
+) -> None:
+    killed = _job(session_factory, "running", attempts=1, started_at=T0, heartbeat_at=T0)
+    clock.at(settings.worker.time_limit_s + 61)  # ran past its hard limit, lease stale
+    assert scheduler.sweep_jobs(settings, session_factory) == 1
+    with session_factory() as session:
+        job = session.get(Job, killed)
+        assert job is not None and job.state == "failed"
+        assert "time limit exceeded" in (job.error or "")
+
+
+def test_published_message_carries_the_model_time_limits(
+    session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    with session_factory() as session:
+        job = session.get(Job, _job(session_factory, "pending"))
+        assert job is not None
+        job.model_name = "radnode-builtin-ct"
+        session.commit()
+    app = FakeCelery()
+    assert scheduler.publish_pending(app, session_factory, settings) == 1  # type: ignore[arg-type]
+    hard = settings.worker.time_limit_s
+    assert app.limits == {"time_limit": hard, "soft_time_limit": int(hard * 0.9)}
 
 
 def _delivered_series(factory: sessionmaker[Session], spool: Path, *, sent: bool,
