@@ -7,22 +7,116 @@ same application with :func:`make_celery` and register the tasks.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import uuid
+from queue import Empty
+from time import monotonic
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import ChannelError
+from kombu.transport import TRANSPORT_ALIASES, filesystem
+from kombu.utils.json import dumps, loads
 
 from service.config import Settings
 
+log = logging.getLogger("radnode.queue")
+
 #: Task names: the contract between the node and the workers.
 ANALYSE_SERIES = "radnode.analyse_series"
+
+#: The embedded broker's URL scheme (:class:`SpoolTransport`).
+EMBEDDED_SCHEME = "radnode-spool"
+
+
+class SpoolChannel(filesystem.Channel):  # type: ignore[misc]
+    """kombu's file-system channel, made safe against torn and corrupt messages.
+
+    kombu's own channel writes a message file in place and a consumer may
+    claim it before the writer has finished (or after the writer was killed),
+    read an empty or partial file and crash the worker on the JSON error; the
+    message is then lost until the sweeper publishes the job again. Here:
+
+    * a message is written under a temporary name (which no queue matches),
+      flushed to disk with ``fsync``, and renamed into place, so a consumer
+      only ever sees whole messages;
+    * a consumer claims a message by renaming it into the ``processed`` folder
+      of the same file system (atomic: one consumer wins) and reads it there;
+    * a message that still cannot be decoded (damaged disk, a foreign file) is
+      moved to ``corrupt/`` with a log line, and the next message is taken.
+      Nothing is lost by that: the database is the source of truth and the
+      sweeper publishes any job whose message disappeared.
+    """
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        folder = self.data_folder_out
+        temporary = os.path.join(folder, f".writing-{uuid.uuid4()}")
+        try:
+            with open(temporary, "wb") as file:
+                file.write(dumps(message).encode("utf-8"))  # type: ignore[no-untyped-call]
+                file.flush()
+                os.fsync(file.fileno())
+            os.rename(temporary, os.path.join(folder, name))
+        except OSError as exc:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise ChannelError(f"cannot add message {name} to {folder}: {exc}") from exc
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        wanted = f"{queue}.msg"
+        claimed_folder = self.processed_folder
+        for name in sorted(os.listdir(self.data_folder_in)):
+            if name.partition(".")[2] != wanted:
+                continue
+            claimed = os.path.join(claimed_folder, name)
+            try:
+                os.rename(os.path.join(self.data_folder_in, name), claimed)
+            except OSError:
+                continue  # another consumer took it first
+            try:
+                with open(claimed, "rb") as file:
+                    payload = file.read()
+            except OSError as exc:
+                raise ChannelError(f"cannot read message {name}: {exc}") from exc
+            try:
+                message = loads(payload.decode("utf-8"))  # type: ignore[no-untyped-call]
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                corrupt = os.path.join(os.path.dirname(claimed_folder), "corrupt")
+                os.makedirs(corrupt, exist_ok=True)
+                os.replace(claimed, os.path.join(corrupt, name))
+                log.error("embedded broker: message %s on queue %s is damaged (%d bytes); "
+                          "moved to %s, the sweeper publishes its job again",
+                          name, queue, len(payload), corrupt)
+                continue
+            if not self.store_processed:
+                os.unlink(claimed)
+            return message
+        raise Empty()
+
+
+class SpoolTransport(filesystem.Transport):  # type: ignore[misc]
+    """The embedded broker: kombu's file-system transport with :class:`SpoolChannel`."""
+
+    Channel = SpoolChannel
+    driver_type = EMBEDDED_SCHEME
+    driver_name = EMBEDDED_SCHEME
+
+
+TRANSPORT_ALIASES.setdefault(EMBEDDED_SCHEME, f"{__name__}:SpoolTransport")
 
 
 def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     """Return the broker URL and transport options.
 
     With no broker URL configured, the embedded broker is kombu's file-system
-    transport under ``<data_dir>/broker``: no server to run, and the same
-    Celery code path as with Redis.
+    transport (made atomic by :class:`SpoolTransport`) under
+    ``<data_dir>/broker``: no server to run, and the same Celery code path as
+    with Redis.
     """
     if not settings.embedded_broker:
         # Redis: redeliver a job only after it could have finished.
@@ -35,7 +129,7 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     control = root / "control"
     for folder in (messages, processed, control):
         folder.mkdir(parents=True, exist_ok=True)
-    return "filesystem://", {
+    return f"{EMBEDDED_SCHEME}://", {
         "data_folder_in": str(messages),
         "data_folder_out": str(messages),
         "processed_folder": str(processed),
