@@ -10,12 +10,20 @@ defaults below. Every key is documented in README.md ("Configuration").
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +33,7 @@ from pydantic_settings import (
 
 from service.errors import ConfigError
 from service.model_spec import BUILTIN_MODELS, ModelSpec, builtin_spec, default_models
+from service.routing import Fallback, Rule, default_rules, validate_rules
 
 #: DICOM PS3.5 6.2: AE title, 1-16 characters of the default repertoire, no
 #: backslash or control characters; leading/trailing spaces are not significant.
@@ -49,28 +58,65 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class TlsSettings(_Section):
+    """TLS for a DICOM association (DICOM PS3.15 B.1, "Basic TLS Secure Transport").
+
+    Attributes
+    ----------
+    ca_file : pathlib.Path or None
+        PEM file of the certificate authorities that sign the peer's
+        certificate; None uses the system's trust store.
+    cert_file, key_file : pathlib.Path or None
+        radnode's own certificate and private key (PEM), for peers that ask
+        for client authentication.
+    check_hostname : bool
+        Check that the peer's certificate names ``host``.
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    check_hostname: bool = True
+
+
 class Destination(_Section):
     """A DICOM C-STORE peer that receives results (usually the PACS).
 
     Attributes
     ----------
+    kind : str
+        ``dicom`` (the default when ``kind`` is left out).
     name : str
-        Name used in logs and the database; defaults to the AE title.
+        Name used in rules, logs and the database; defaults to the AE title.
     ae_title : str
         The peer's (called) AE title.
     host : str
         Host name or IP address.
     port : int
         TCP port, 1-65535.
+    tls : TlsSettings or None
+        Use TLS on the association.
+    storage_commitment : bool
+        Ask the peer for Storage Commitment (Push Model, DICOM PS3.4 J) after
+        sending; deliveries count as committed only when it confirms.
+    sender_ae_titles : list[str]
+        Calling AE titles for which this peer is "the sender": a rule whose
+        destinations include ``sender`` returns results here for series
+        received from these AE titles (the peer's own AE title always counts).
+    secondary_capture : bool
+        Also send a Secondary Capture series with the segment contours burned
+        in over the source slices, for viewers that cannot show SEG. Labelled
+        as derived and not for primary diagnosis.
     """
 
+    kind: Literal["dicom"] = "dicom"
     name: str = ""
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
-    #: Also send a Secondary Capture series with the segment contours burned
-    #: in over the source slices, for viewers that cannot show SEG. Labelled
-    #: as derived and not for primary diagnosis.
+    tls: TlsSettings | None = None
+    storage_commitment: bool = False
+    sender_ae_titles: list[str] = Field(default_factory=list)
     secondary_capture: bool = False
 
     @field_validator("ae_title")
@@ -78,11 +124,25 @@ class Destination(_Section):
     def _check_ae(cls, value: str) -> str:
         return validate_ae_title(value)
 
+    @field_validator("sender_ae_titles")
+    @classmethod
+    def _check_senders(cls, value: list[str]) -> list[str]:
+        return [validate_ae_title(v) for v in value]
+
     @model_validator(mode="after")
     def _default_name(self) -> Destination:
         if not self.name:
             self.name = self.ae_title
         return self
+
+    def is_sender(self, calling_ae_title: str) -> bool:
+        """True if results of series sent by ``calling_ae_title`` return to this peer.
+
+        AE titles are compared without regard to case, as the routing rules do.
+        """
+        calling = calling_ae_title.strip().upper()
+        return bool(calling) and calling in {self.ae_title.upper(),
+                                             *(t.upper() for t in self.sender_ae_titles)}
 
     @classmethod
     def parse(cls, text: str) -> Destination:
@@ -107,6 +167,66 @@ class Destination(_Section):
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.ae_title}@{host}:{self.port}"
+
+
+class StowDestination(_Section):
+    """A DICOMweb server that receives results with STOW-RS (DICOM PS3.18 10.5).
+
+    Attributes
+    ----------
+    name : str
+        Name used in rules, logs and the database (required).
+    url : str
+        The DICOMweb service root, e.g. ``https://pacs.example.org/dicom-web``;
+        instances are POSTed to ``<url>/studies``.
+    username, password : str or None
+        HTTP basic authentication.
+    token : str or None
+        HTTP bearer token (instead of basic authentication).
+    ca_file : pathlib.Path or None
+        PEM file of the certificate authorities for ``https`` URLs; None uses
+        the system's trust store.
+    timeout_s : float
+        Longest wait for the server's answer, seconds.
+    secondary_capture : bool
+        As for :class:`Destination`.
+    """
+
+    kind: Literal["stow"]
+    name: str = Field(min_length=1, max_length=64)
+    url: str = Field(pattern=r"^https?://\S+$")
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    ca_file: Path | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+    secondary_capture: bool = False
+
+    def __str__(self) -> str:
+        return f"STOW-RS {self.url}"
+
+
+class FolderDestination(_Section):
+    """A folder that receives result files, for integration with scripts.
+
+    Files are written as ``<path>/<Study Instance UID>/<Series Instance
+    UID>/<SOP Instance UID>.dcm`` (temporary file, fsync, atomic rename), so a
+    script watching the folder never sees a partial file.
+    """
+
+    kind: Literal["folder"]
+    name: str = Field(min_length=1, max_length=64)
+    path: Path
+    secondary_capture: bool = False
+
+    def __str__(self) -> str:
+        return f"folder {self.path}"
+
+
+#: Any destination; YAML entries without ``kind`` are DICOM C-STORE peers.
+AnyDestination = Annotated[
+    Destination | StowDestination | FolderDestination, Field(discriminator="kind")
+]
 
 
 class DicomSettings(_Section):
@@ -175,21 +295,6 @@ class RetentionSettings(_Section):
     check_interval_s: float = Field(default=300.0, gt=0)
 
 
-class Pipeline(_Section):
-    """Which series are analysed, by which model, on which queue.
-
-    A completed series is analysed by every pipeline whose modality matches
-    and whose model accepts it (``models[].accepts``). Series that match none
-    are stored and not analysed.
-    """
-
-    #: Modality (0008,0060) this pipeline takes; empty: what the model accepts.
-    modality: str = ""
-    model: str = "radnode-builtin-ct"
-    task: str = "radnode.analyse_series"
-    queue: str = "gpu"
-
-
 class DatabaseSettings(_Section):
     """Where the node keeps its state."""
 
@@ -224,6 +329,11 @@ class WorkerSettings(_Section):
     #: queued again (same result UIDs) or failed after ``max_attempts``.
     heartbeat_timeout_s: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    #: Jobs per queue handed to the broker ahead of the workers (published
+    #: but not started). The rest wait in the database, STAT before routine,
+    #: so a STAT job overtakes every routine job except these. Set it to the
+    #: number of worker processes that consume the queue.
+    queued_ahead: int = Field(default=2, ge=1)
     #: Models each worker process keeps loaded (least recently used leave first).
     max_warm_models: int = Field(default=4, ge=1)
     #: Before loading a model onto a GPU, unload least recently used models
@@ -242,9 +352,21 @@ class DeliverySettings(_Section):
 
     #: AE title radnode uses as the calling AE when it sends results.
     ae_title: str = "RADNODE"
+    #: Attempts of one instance that the destination refused (a failure
+    #: status, no response); then the delivery is ``failed``. A refusal that
+    #: cannot change (SOP class not supported, 0xA9xx/0xCxxx) fails at once.
     max_attempts: int = Field(default=5, ge=1)
-    #: First retry delay, seconds; doubles after each failure.
+    #: First retry delay, seconds; doubles after each failure up to ``max_backoff_s``.
     retry_backoff_s: float = Field(default=10.0, gt=0)
+    max_backoff_s: float = Field(default=600.0, gt=0)
+    #: A destination that cannot be reached (down, refuses associations) is
+    #: tried again with the same backoff, without counting attempts, for
+    #: this many hours after the result was made; then its deliveries fail.
+    give_up_after_h: float = Field(default=72.0, gt=0)
+    #: Wait this long for the Storage Commitment report (N-EVENT-REPORT) of a
+    #: destination with ``storage_commitment``; then ask again (at most
+    #: ``max_attempts`` times).
+    commitment_timeout_s: float = Field(default=600.0, gt=0)
     #: Longest wait for one C-STORE response, seconds; on expiry the
     #: association is aborted and the instance is sent again on a new one.
     response_timeout_s: float = Field(default=15.0, gt=0)
@@ -273,12 +395,12 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
-    destinations: list[Destination] = Field(default_factory=list)
+    destinations: list[AnyDestination] = Field(default_factory=list)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     models: list[ModelSpec] = Field(default_factory=default_models)
-    pipelines: list[Pipeline] = Field(default_factory=lambda: [
-        Pipeline(model=name) for name in BUILTIN_MODELS])
+    rules: list[Rule] = Field(default_factory=default_rules)
+    fallback: Fallback = Field(default_factory=Fallback)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
@@ -288,7 +410,9 @@ class Settings(BaseSettings):
     @classmethod
     def _destination_strings(cls, value: Any) -> Any:
         if isinstance(value, list):
-            return [Destination.parse(v) if isinstance(v, str) else v for v in value]
+            return [Destination.parse(v) if isinstance(v, str)
+                    else {"kind": "dicom", **v} if isinstance(v, dict) and "kind" not in v
+                    else v for v in value]
         return value
 
     @model_validator(mode="after")
@@ -300,12 +424,45 @@ class Settings(BaseSettings):
         for name in BUILTIN_MODELS:  # built-ins are always available
             if name not in names:
                 self.models.append(builtin_spec(name))
-        known = {spec.name for spec in self.models}
-        for i, pipeline in enumerate(self.pipelines):
-            if pipeline.model not in known:
-                raise ValueError(f"pipelines[{i}]: model {pipeline.model!r} is not declared "
-                                 f"under models (declared: {', '.join(sorted(known))})")
+        destination_names = [d.name for d in self.destinations]
+        repeated = sorted({n for n in destination_names if destination_names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"destinations: each name once; repeated: {', '.join(repeated)}")
+        problems = validate_rules(self.rules, self.fallback,
+                                  models={spec.name for spec in self.models},
+                                  destinations=set(destination_names))
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def destination(self, name: str) -> Destination | StowDestination | FolderDestination:
+        """The destination called ``name``.
+
+        Raises
+        ------
+        KeyError
+            If no destination of that name is configured.
+        """
+        for destination in self.destinations:
+            if destination.name == name:
+                return destination
+        raise KeyError(f"no destination named {name!r} is configured")
+
+    def routed_models(self) -> list[str]:
+        """Names of the models that the rules and the fallback send series to, in order."""
+        names = [m for rule in self.rules for m in rule.models] + list(self.fallback.models)
+        return list(dict.fromkeys(names))
+
+    @property
+    def config_version(self) -> str:
+        """A short digest of what routes and delivers.
+
+        Covers rules, fallback, destinations, models and completion; recorded
+        with each job, so that an admin can tell which configuration routed it.
+        """
+        text = self.model_dump_json(include={"rules", "fallback", "destinations", "models",
+                                             "completion"})
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def model(self, name: str) -> ModelSpec:
         """The declaration of model ``name``.
@@ -386,11 +543,62 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     token = _yaml_file.set(config_file)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+    except ValidationError as exc:
+        text = config_file.read_text(encoding="utf-8") if config_file is not None else ""
+        where = f" in {config_file}" if config_file else ""
+        raise ConfigError(f"invalid configuration{where}:\n{explain_errors(exc, text)}") from exc
+    except ValueError as exc:
         where = f" in {config_file}" if config_file else ""
         raise ConfigError(f"invalid configuration{where}:\n{exc}") from exc
     finally:
         _yaml_file.reset(token)
+
+
+def _yaml_lines(text: str) -> dict[tuple[str | int, ...], int]:
+    """Line (1-based) of every key and list item of a YAML document, by path."""
+    lines: dict[tuple[str | int, ...], int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: yaml.Node | None, path: tuple[str | int, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = (*path, str(key.value))
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[(*path, index)] = item.start_mark.line + 1
+                walk(item, (*path, index))
+
+    walk(root, ())
+    return lines
+
+
+def explain_errors(exc: ValidationError, yaml_text: str = "") -> str:
+    """One line per validation error: key, line in the YAML file, reason.
+
+    The key is dotted (``rules.0.when.regex``); the line is given when the
+    key (or the item a whole-file check names, ``rules[2]``) is in the file.
+    """
+    lines = _yaml_lines(yaml_text) if yaml_text else {}
+    out = []
+    for error in exc.errors():
+        path: tuple[str | int, ...] = ()
+        for part in error["loc"]:  # union tags (e.g. "dicom") are not in the file: skipped
+            if (*path, part) in lines:
+                path = (*path, part)
+        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        message = str(error["msg"])
+        line = lines.get(path) if path else None
+        if line is None:  # a whole-file check that names "rules[2]" or "models.0"
+            found = re.search(r"\b(rules|models|destinations)(?:\[|\.)(\d+)", message)
+            if found:
+                line = lines.get((found[1], int(found[2])))
+        out.append(f"  {key}{f' (line {line})' if line else ''}: {message}")
+    return "\n".join(out)
 
 
 def dump_settings(settings: Settings, path: Path) -> None:

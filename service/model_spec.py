@@ -313,6 +313,8 @@ class ModelSpec(_Spec):
         A MONAI bundle may execute its inference config (arbitrary Python)
         only when the admin set this; otherwise only its TorchScript file
         (``models/model.ts``) is loaded, and a bundle without one is refused.
+    queue : str
+        The Celery queue its jobs go to (workers consume queues: ``gpu``, ``cpu``).
     device : str or None
         ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; ``None`` uses ``worker.device``.
     precision : str
@@ -337,6 +339,7 @@ class ModelSpec(_Spec):
     accepts: AcceptSpec = Field(default_factory=AcceptSpec)
     input: InputSpec = Field(default_factory=InputSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    queue: str = Field(default="gpu", pattern=r"^[A-Za-z0-9._-]{1,50}$")
     device: str | None = None
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     time_limit_s: int | None = Field(default=None, ge=10)

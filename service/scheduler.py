@@ -1,4 +1,4 @@
-"""The node's background loops: completion and publishing, the job sweeper, delivery.
+"""The node's background loops: completion, routing and publishing, the job sweeper.
 
 Every loop reads its work from the database, so a restart loses nothing: a
 job row written but not yet published is published on the next tick, and a
@@ -9,97 +9,195 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
-from datetime import timedelta
-from pathlib import Path
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 
 import pydicom
 from celery import Celery
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import queue
 from service.config import Destination, Settings
 from service.db import repository
-from service.db.models import Delivery
+from service.db.models import Series
 from service.db.session import as_utc, utcnow
-from service.dicom.scu import store_files
 from service.model_spec import model_attributes
+from service.routing import Routing, SeriesFacts, header_keywords, route
 
 log = logging.getLogger("radnode.scheduler")
 
 
-def _series_attributes(settings: Settings, session: Session, series_id: int,
-                       keywords: set[str]) -> dict[str, str]:
-    """Attributes (as text) of a series' first instance, for model accept conditions.
+def _read_header(settings: Settings, session: Session, series: Series,
+                 keywords: set[str]) -> Dataset:
+    """The header of a series' first readable instance (what rules and models look at).
 
-    Reads the header only (no Pixel Data); a file that cannot be read gives
-    no attributes, so conditions on it do not match.
+    Reads no Pixel Data; a file that cannot be read gives an empty data set,
+    so that conditions on its attributes do not match.
     """
-    keywords = keywords | {"NumberOfFrames"}
-    paths = repository.instance_paths(series_id, session=session)
-    if not paths:
-        return {}
-    try:
-        ds = pydicom.dcmread(settings.spool_dir / paths[0], stop_before_pixels=True,
-                             specific_tags=sorted(keywords))
-    except (OSError, InvalidDicomError, ValueError) as exc:
-        log.warning("cannot read the header of series %d for routing: %s", series_id,
-                    type(exc).__name__)
-        return {}
+    paths = repository.instance_paths(series.id, session=session)
+    problem = "no instance"
+    # The first readable one: retention may have removed the earlier files of a
+    # series that received a late instance.
+    for path in [*paths[:3], *paths[-2:]]:
+        try:
+            return pydicom.dcmread(settings.spool_dir / path, stop_before_pixels=True,
+                                   specific_tags=sorted(keywords))
+        except (OSError, InvalidDicomError, ValueError) as exc:
+            problem = type(exc).__name__
+    log.warning("cannot read the header of series %s for routing: %s",
+                series.series_instance_uid, problem)
+    return Dataset()
+
+
+def _as_text(header: Dataset) -> dict[str, str]:
+    """Non-empty attributes of ``header`` as text, by keyword (model accept conditions)."""
     found: dict[str, str] = {}
-    for keyword in keywords:
-        value = ds.get(keyword)
-        if value is not None and value != "":
-            found[keyword] = str(value)
+    for element in header:
+        if element.keyword and element.value not in (None, ""):
+            found[element.keyword] = str(element.value)
     return found
 
 
-def complete_and_route(settings: Settings, session_factory: sessionmaker[Session]) -> int:
-    """Complete ready series and add a job per matching pipeline; return jobs added.
+class Router:
+    """Routes complete series by the rules (``rules``, ``fallback``) and the models' accepts.
 
-    A pipeline matches when its ``modality`` (if set) equals the series'
-    Modality and its model's ``accepts`` (modalities, attribute conditions read
-    from the series' first instance, fewest slices) takes the series. Why a
+    Reads each series' first header once and keeps the outcome until the
+    series is routed, so that a rule's own quiet period and a study-scope
+    wait cost no further reads. :meth:`reset` forgets everything (after the
+    configuration was reloaded).
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[Routing, dict[str, str]]] = {}
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Forget cached routings (the rules changed)."""
+        with self._lock:
+            self._cache.clear()
+
+    def routing(self, settings: Settings, session: Session,
+                series: Series) -> tuple[Routing, dict[str, str]]:
+        """The routing of ``series`` and its header attributes as text (cached)."""
+        with self._lock:
+            cached = self._cache.get(series.id)
+        if cached is not None:
+            return cached
+        keywords = (header_keywords(settings.rules, settings.fallback)
+                    | model_attributes(settings.models) | {"NumberOfFrames", "Modality"})
+        header = _read_header(settings, session, series, keywords)
+        if "Modality" not in header and series.modality:
+            header.Modality = series.modality  # as recorded when it was received
+        facts = SeriesFacts(header=header, calling_ae=series.calling_ae_title,
+                            called_ae=series.called_ae_title, peer_address=series.peer_address)
+        outcome = (route(settings.rules, settings.fallback, facts), _as_text(header))
+        with self._lock:
+            self._cache[series.id] = outcome
+        return outcome
+
+    def forget(self, series_id: int) -> None:
+        """Drop the cached routing of a routed series."""
+        with self._lock:
+            self._cache.pop(series_id, None)
+
+    def quiet_period(self, settings: Settings, session: Session, series: Series) -> float | None:
+        """The series' own quiet period from its rules, seconds; None for the default."""
+        if not any(rule.quiet_period_s for rule in settings.rules):
+            return None
+        return self.routing(settings, session, series)[0].quiet_period_s
+
+
+def resolve_destinations(settings: Settings, names: Sequence[str],
+                         calling_ae_title: str) -> list[str]:
+    """Destination names for a job, in order, each once.
+
+    ``*`` is every configured destination; ``sender`` the DICOM destinations
+    that the series' calling AE title maps to (:meth:`Destination.is_sender`).
+    """
+    resolved: list[str] = []
+    for name in names:
+        if name == "*":
+            candidates = [d.name for d in settings.destinations]
+        elif name == "sender":
+            candidates = [d.name for d in settings.destinations
+                          if isinstance(d, Destination) and d.is_sender(calling_ae_title)]
+            if not candidates:
+                log.warning("no destination is configured for sender AE %s: results are not "
+                            "returned to it", calling_ae_title or "(none)")
+        else:
+            candidates = [name]
+        resolved.extend(c for c in candidates if c not in resolved)
+    return resolved
+
+
+def complete_and_route(settings: Settings, session_factory: sessionmaker[Session],
+                       router: Router | None = None) -> int:
+    """Complete ready series, then route complete series; return jobs added.
+
+    Completion uses each series' own quiet period when a matching rule sets
+    one. Routing (:func:`service.routing.route`) adds one job per target
+    model that also accepts the series (``models[].accepts``); a rule with
+    ``completion: study`` waits until no series of the study is receiving
+    and the study was quiet for the rule's quiet period. Each job records its
+    priority, the rules that routed it and the configuration version. Why a
     model declined a series is logged (UIDs only).
     """
+    router = router or Router()
     now = utcnow()
     added = 0
-    destinations = [str(d) for d in settings.destinations]
-    keywords = model_attributes(settings.models)
     with session_factory() as session:
-        for series in repository.complete_ready_series(
-            session=session, now=now, rules=settings.completion
-        ):
-            attributes = _series_attributes(settings, session, series.id, keywords)
-            frames = int(attributes.get("NumberOfFrames", "1") or 1)
-            chosen = []
-            for pipeline in settings.pipelines:
-                if pipeline.modality and pipeline.modality.upper() != series.modality.upper():
-                    continue
-                spec = settings.model(pipeline.model)
-                reason = spec.accepts.rejects(series.modality, attributes)
-                slices = series.instance_count * max(frames, 1)
-                if reason is None and slices < spec.accepts.min_slices:
-                    reason = f"{slices} slice(s), needs {spec.accepts.min_slices}"
-                if reason is not None:
-                    log.info("series %s: model %s declines it: %s",
-                             series.series_instance_uid, spec.name, reason)
-                    continue
-                chosen.append(pipeline)
-            log.info(
-                "series %s complete (%s): %d instances, modality %s, %d pipeline(s)",
-                series.series_instance_uid, series.completion_reason, series.instance_count,
-                series.modality or "?", len(chosen),
-            )
-            for pipeline in chosen:
-                repository.add_job(
-                    session=session, series=series, task_name=pipeline.task,
-                    queue=pipeline.queue, model_name=pipeline.model,
-                    destinations=destinations, now=now,
-                )
-                added += 1
+        repository.complete_ready_series(
+            session=session, now=now, rules=settings.completion,
+            quiet_period=lambda series: router.quiet_period(settings, session, series))
+        session.flush()
+        for series in repository.unrouted_series(session=session):
+            routing, attributes = router.routing(settings, session, series)
+            if routing.scope == "study":
+                receiving, last = repository.study_activity(series.study_instance_uid,
+                                                            session=session)
+                quiet = routing.quiet_period_s or settings.completion.quiet_period_s
+                if receiving or (now - last).total_seconds() < quiet:
+                    continue  # the study is still arriving
+            added += _add_jobs(settings, session, series, routing, attributes, now)
+            series.routed_at = now
+            router.forget(series.id)
         session.commit()
+    return added
+
+
+def _add_jobs(settings: Settings, session: Session, series: Series, routing: Routing,
+              attributes: dict[str, str], now: datetime) -> int:
+    frames = int(attributes.get("NumberOfFrames", "1") or 1)
+    version = settings.config_version
+    added = 0
+    for target in routing.targets:
+        try:
+            spec = settings.model(target.model)
+        except KeyError:
+            log.error("series %s: rule(s) %s name model %s, which is not declared",
+                      series.series_instance_uid, ",".join(target.rules), target.model)
+            continue
+        reason = spec.accepts.rejects(series.modality, attributes)
+        slices = series.instance_count * max(frames, 1)
+        if reason is None and slices < spec.accepts.min_slices:
+            reason = f"{slices} slice(s), needs {spec.accepts.min_slices}"
+        if reason is not None:
+            log.info("series %s: model %s declines it: %s",
+                     series.series_instance_uid, spec.name, reason)
+            continue
+        destinations = resolve_destinations(settings, target.destinations,
+                                            series.calling_ae_title)
+        repository.add_job(
+            session=session, series=series, task_name=queue.ANALYSE_SERIES,
+            queue=spec.queue, model_name=spec.name, destinations=destinations, now=now,
+            priority=target.priority, rule_names=target.rules, config_version=version,
+        )
+        added += 1
+    log.info("series %s complete (%s): %d instances, modality %s, rules %s, %d job(s)",
+             series.series_instance_uid, series.completion_reason, series.instance_count,
+             series.modality or "?", ",".join(routing.matched) or "-", added)
     return added
 
 
@@ -120,14 +218,22 @@ def time_limits(settings: Settings, model_name: str) -> tuple[int, int]:
 
 def publish_pending(app: Celery, session_factory: sessionmaker[Session],
                     settings: Settings | None = None) -> int:
-    """Publish every ``pending`` job (after its row was committed); return how many.
+    """Publish ``pending`` jobs (after their rows were committed); return how many.
 
-    With ``settings``, each message carries its model's hard and soft time
-    limits (:func:`time_limits`); without, the worker's defaults apply.
+    STAT jobs go first, then the oldest. With ``settings``, each queue holds
+    at most ``worker.queued_ahead`` published jobs that no worker started;
+    the others wait in the database, so that a STAT job overtakes every
+    routine job but those. Each message carries its model's hard and soft
+    time limits (:func:`time_limits`). Without ``settings`` every pending job
+    is published with the worker's default limits.
     """
     published = 0
+    ahead = settings.worker.queued_ahead if settings is not None else None
     with session_factory() as session:
+        queued = repository.queued_counts(session=session)
         for job in repository.pending_jobs(session=session):
+            if ahead is not None and queued.get(job.queue, 0) >= ahead:
+                continue  # waits in the database, where a STAT job can overtake it
             limits = time_limits(settings, job.model_name) if settings is not None else None
             try:
                 queue.publish(app, task_name=job.task_name, queue=job.queue, job_id=job.id,
@@ -138,8 +244,10 @@ def publish_pending(app: Celery, session_factory: sessionmaker[Session],
             job.state = "queued"
             job.queued_at = utcnow()
             session.commit()
+            queued[job.queue] = queued.get(job.queue, 0) + 1
             published += 1
-            log.info("job %d (%s) queued on %s", job.id, job.model_name, job.queue)
+            log.info("job %d (%s, %s) queued on %s", job.id, job.model_name, job.priority,
+                     job.queue)
     return published
 
 
@@ -193,60 +301,6 @@ def sweep_jobs(settings: Settings, session_factory: sessionmaker[Session]) -> in
                         job.id, cfg.republish_after_s)
         session.commit()
     return touched
-
-
-def deliver_due(settings: Settings, session_factory: sessionmaker[Session]) -> int:
-    """Send every due delivery, grouped by destination; return how many were sent.
-
-    A failed delivery is tried again after ``retry_backoff_s`` × 2^(attempts-1)
-    seconds, and marked ``failed`` after ``max_attempts``. Only the instance
-    that failed is sent again, never the whole result set.
-    """
-    cfg = settings.delivery
-    sent = 0
-    with session_factory() as session:
-        due = repository.due_deliveries(session=session, now=utcnow())
-        by_destination: dict[str, list[Delivery]] = defaultdict(list)
-        for delivery in due:
-            delivery.state = "sending"
-            by_destination[delivery.destination].append(delivery)
-        session.commit()
-        for name, deliveries in by_destination.items():
-            destination = Destination.parse(name)
-            paths = [Path(d.result.path) for d in deliveries]
-            outcomes = store_files(
-                destination, paths, calling_ae=cfg.ae_title,
-                response_timeout_s=cfg.response_timeout_s,
-                connect_timeout_s=cfg.connect_timeout_s,
-            )
-            by_path = {str(o.path): o for o in outcomes}
-            now = utcnow()
-            for delivery in deliveries:
-                outcome = by_path[str(Path(delivery.result.path))]
-                delivery.attempts += 1
-                delivery.status = outcome.status
-                if outcome.ok:
-                    delivery.state = "sent"
-                    delivery.sent_at = now
-                    delivery.error = None
-                    sent += 1
-                    log.info("delivered %s %s to %s (status 0x%04X)", delivery.result.kind,
-                             delivery.result.sop_instance_uid, name, outcome.status or 0)
-                    continue
-                delivery.error = outcome.error or f"status 0x{(outcome.status or 0):04X}"
-                if delivery.attempts >= cfg.max_attempts:
-                    delivery.state = "failed"
-                    log.error("delivery of %s to %s failed for good after %d attempts: %s",
-                              delivery.result.sop_instance_uid, name, delivery.attempts,
-                              delivery.error)
-                else:
-                    delivery.state = "pending"
-                    delay = cfg.retry_backoff_s * 2 ** (delivery.attempts - 1)
-                    delivery.next_attempt_at = now + timedelta(seconds=delay)
-                    log.warning("delivery of %s to %s failed (%s); retry in %.0f s",
-                                delivery.result.sop_instance_uid, name, delivery.error, delay)
-            session.commit()
-    return sent
 
 
 class Loop(threading.Thread):

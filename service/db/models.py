@@ -10,8 +10,10 @@ Job.state: ``pending`` (row written) → ``queued`` (published to the broker) �
 completed again (late instances) before the job started. A running job whose worker stopped
 renewing ``heartbeat_at`` goes back to ``queued`` (or ``failed`` after the
 last attempt); a queued job not started in time is published again.
-Delivery.state: ``pending`` → ``sending`` → ``sent`` | ``failed`` (after the
-last retry).
+Delivery.state: ``pending`` → ``sending`` → ``sent`` → ``committed`` (only
+for destinations with Storage Commitment, when the destination confirms), or
+``failed`` (after the last retry, or a refusal that cannot change). A
+commitment failure reported by the destination sends the instance again.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Series(Base):
     study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
     modality: Mapped[str] = mapped_column(String(16), default="")
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    #: The AE title the sender called, and its IP address (first instance).
+    called_ae_title: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    peer_address: Mapped[str] = mapped_column(String(64), default="", server_default="")
     state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -72,6 +77,8 @@ class Series(Base):
     released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: When retention removed the instances from the spool (rows are kept).
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: When the complete series was routed (jobs added); cleared by a late instance.
+    routed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
     jobs: Mapped[list[Job]] = relationship(back_populates="series")
@@ -109,8 +116,15 @@ class Job(Base):
     model_name: Mapped[str] = mapped_column(String(100))
     model_version: Mapped[str | None] = mapped_column(String(50))
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    #: Destination names ("AET@HOST:PORT" strings) chosen when the job was routed.
+    #: Destination names chosen when the job was routed.
     destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: ``stat`` jobs are published before ``routine`` ones.
+    priority: Mapped[str] = mapped_column(String(8), default="routine",
+                                          server_default="routine")
+    #: The rules that routed the job (comma-separated), and the configuration
+    #: version (:attr:`service.config.Settings.config_version`).
+    rule_names: Mapped[str] = mapped_column(String(400), default="", server_default="")
+    config_version: Mapped[str] = mapped_column(String(16), default="", server_default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str | None] = mapped_column(Text)
@@ -165,5 +179,12 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Storage Commitment (Push Model, DICOM PS3.4 J.3): the Transaction UID
+    #: of the last request, when it was sent, how many were sent, and when
+    #: the destination confirmed the instance.
+    transaction_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    commit_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    commit_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    committed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     result: Mapped[Result] = relationship(back_populates="deliveries")

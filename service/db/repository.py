@@ -6,11 +6,11 @@ otherwise, so that a caller can put several steps in one transaction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -63,13 +63,17 @@ def record_instance(
     calling_ae_title: str,
     received_at: datetime,
     expected_count: int | None = None,
+    called_ae_title: str = "",
+    peer_address: str = "",
 ) -> bool:
     """Record a stored instance and update its series.
 
     A series that was complete goes back to ``receiving`` (late instance: it
     is analysed again once complete again; deterministic result UIDs make the
-    new results replace the old ones). ``expected_count`` (Images in
-    Acquisition) is kept from the first instance that carries it.
+    new results replace the old ones). The association facts (calling and
+    called AE title, peer address) are those of the series' first instance.
+    ``expected_count`` (Images in Acquisition) is kept from the first
+    instance that carries it.
 
     Returns
     -------
@@ -85,6 +89,8 @@ def record_instance(
             "study_instance_uid": study_instance_uid,
             "modality": modality,
             "calling_ae_title": calling_ae_title,
+            "called_ae_title": called_ae_title,
+            "peer_address": peer_address,
             "state": "receiving",
             "instance_count": 0,
             "first_received_at": received_at,
@@ -122,19 +128,22 @@ def record_instance(
             instance_count=Series.instance_count + 1,
             last_received_at=received_at,
             state="receiving",
+            routed_at=None,
             expected_count=func.coalesce(Series.expected_count, expected_count),
         )
     )
     return True
 
 
-def completion_reason(series: Series, now: datetime, rules: CompletionSettings) -> str | None:
+def completion_reason(series: Series, now: datetime, rules: CompletionSettings,
+                      quiet_period_s: float | None = None) -> str | None:
     """Why a receiving series counts as complete now, or None if it does not yet.
 
     The signals, first match wins: ``expected_count`` (instance count reached
     Images in Acquisition), ``association_released`` (the sending association
     was released after the last instance and ``release_quiet_s`` passed),
-    ``quiet_period`` (no instance for ``quiet_period_s``), ``force_timeout``
+    ``quiet_period`` (no instance for ``quiet_period_s``: the routing rule's,
+    when given, else ``rules.quiet_period_s``), ``force_timeout``
     (``max_wait_s`` since the first instance).
     """
     last = as_utc(series.last_received_at)
@@ -145,7 +154,7 @@ def completion_reason(series: Series, now: datetime, rules: CompletionSettings) 
     if (rules.release_quiet_s > 0 and series.released_at is not None
             and as_utc(series.released_at) >= last and quiet_s >= rules.release_quiet_s):
         return "association_released"
-    if quiet_s >= rules.quiet_period_s:
+    if quiet_s >= (quiet_period_s or rules.quiet_period_s):
         return "quiet_period"
     if (now - as_utc(series.first_received_at)).total_seconds() >= rules.max_wait_s:
         return "force_timeout"
@@ -153,9 +162,13 @@ def completion_reason(series: Series, now: datetime, rules: CompletionSettings) 
 
 
 def complete_ready_series(
-    *, session: Session, now: datetime, rules: CompletionSettings
+    *, session: Session, now: datetime, rules: CompletionSettings,
+    quiet_period: Callable[[Series], float | None] | None = None,
 ) -> list[Series]:
     """Mark every receiving series that is complete by :func:`completion_reason`.
+
+    ``quiet_period(series)`` gives a series' own quiet period, seconds (from
+    the routing rules it matches), or None for ``rules.quiet_period_s``.
 
     Returns
     -------
@@ -164,7 +177,8 @@ def complete_ready_series(
     """
     completed = []
     for series in session.scalars(select(Series).where(Series.state == "receiving")):
-        reason = completion_reason(series, now, rules)
+        quiet = quiet_period(series) if quiet_period is not None else None
+        reason = completion_reason(series, now, rules, quiet)
         if reason is not None:
             series.state = "complete"
             series.completed_at = now
@@ -192,6 +206,9 @@ def add_job(
     model_name: str,
     destinations: Sequence[str],
     now: datetime,
+    priority: str = "routine",
+    rule_names: Sequence[str] = (),
+    config_version: str = "",
 ) -> Job:
     """Add a ``pending`` job for a series; it is published after commit.
 
@@ -213,6 +230,9 @@ def add_job(
         queue=queue,
         model_name=model_name,
         destinations=list(destinations),
+        priority=priority,
+        rule_names=",".join(rule_names)[:400],
+        config_version=config_version,
         state="pending",
         attempts=0,
         created_at=now,
@@ -278,8 +298,33 @@ def unstarted_jobs(*, session: Session, queued_before: datetime) -> list[Job]:
 
 
 def pending_jobs(*, session: Session) -> list[Job]:
-    """Jobs written but not yet handed to the broker, oldest first."""
-    return list(session.scalars(select(Job).where(Job.state == "pending").order_by(Job.id)))
+    """Jobs written but not yet handed to the broker: STAT first, then oldest first."""
+    stat_first = case((Job.priority == "stat", 0), else_=1)
+    return list(session.scalars(
+        select(Job).where(Job.state == "pending").order_by(stat_first, Job.id)))
+
+
+def queued_counts(*, session: Session) -> dict[str, int]:
+    """How many jobs each queue holds published but not started."""
+    rows = session.execute(
+        select(Job.queue, func.count()).where(Job.state == "queued").group_by(Job.queue))
+    return {queue: int(count) for queue, count in rows}
+
+
+def unrouted_series(*, session: Session) -> list[Series]:
+    """Complete series not routed yet (oldest completion first)."""
+    return list(session.scalars(
+        select(Series).where(Series.state == "complete", Series.routed_at.is_(None))
+        .order_by(Series.completed_at, Series.id)))
+
+
+def study_activity(study_instance_uid: str, *, session: Session) -> tuple[bool, datetime]:
+    """Whether a study still has a receiving series, and its last instance's arrival."""
+    receiving, last = session.execute(
+        select(func.count(case((Series.state == "receiving", 1))),
+               func.max(Series.last_received_at))
+        .where(Series.study_instance_uid == study_instance_uid)).one()
+    return bool(receiving), as_utc(last)
 
 
 def instance_paths(series_id: int, *, session: Session) -> list[str]:
@@ -332,3 +377,60 @@ def deliveries_for_result(result_id: int, *, session: Session) -> list[Delivery]
 def recent_jobs(*, session: Session, limit: int = 20) -> list[Job]:
     """The newest jobs first, with their series loaded."""
     return list(session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)))
+
+
+def find_deliveries(*, session: Session, ids: Sequence[int] = (), state: str | None = None,
+                    destination: str | None = None, study_instance_uid: str | None = None,
+                    limit: int | None = None) -> list[Delivery]:
+    """Deliveries matching every filter given, newest first."""
+    query = (select(Delivery).join(Result, Delivery.result_id == Result.id)
+             .join(Job, Result.job_id == Job.id).join(Series, Job.series_id == Series.id))
+    if ids:
+        query = query.where(Delivery.id.in_(list(ids)))
+    if state:
+        query = query.where(Delivery.state == state)
+    if destination:
+        query = query.where(Delivery.destination == destination)
+    if study_instance_uid:
+        query = query.where(Series.study_instance_uid == study_instance_uid)
+    query = query.order_by(Delivery.id.desc())
+    if limit:
+        query = query.limit(limit)
+    return list(session.scalars(query))
+
+
+def study_results(study_instance_uid: str, *, session: Session) -> list[Result]:
+    """The results of the newest succeeded job of each (series, model) of a study."""
+    jobs = session.scalars(
+        select(Job).join(Series, Job.series_id == Series.id)
+        .where(Series.study_instance_uid == study_instance_uid, Job.state == "succeeded")
+        .order_by(Job.id))
+    newest: dict[tuple[int, str], Job] = {}
+    for job in jobs:
+        newest[(job.series_id, job.model_name)] = job
+    return [result for job in newest.values() for result in job.results]
+
+
+def schedule_delivery(result: Result, destination: str, *, session: Session,
+                      now: datetime) -> Delivery:
+    """Make ``result`` due for ``destination`` now, as a fresh delivery.
+
+    An existing row for the pair is reset (attempts, commitment, error); else
+    one is added. Used by the operator's resend and retry commands.
+    """
+    delivery = session.scalars(select(Delivery).where(
+        Delivery.result_id == result.id, Delivery.destination == destination)).first()
+    if delivery is None:
+        delivery = Delivery(result_id=result.id, destination=destination, created_at=now)
+        session.add(delivery)
+    delivery.state = "pending"
+    delivery.attempts = 0
+    delivery.status = None
+    delivery.error = None
+    delivery.next_attempt_at = now
+    delivery.transaction_uid = None
+    delivery.commit_requested_at = None
+    delivery.commit_attempts = 0
+    delivery.committed_at = None
+    delivery.created_at = now  # the give-up clock starts again
+    return delivery

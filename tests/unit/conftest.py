@@ -18,6 +18,8 @@ from service.db.session import make_engine, make_session_factory
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 DESTINATIONS = ["PACS@10.0.0.5:104", "ARCHIVE@10.0.0.6:11112"]
+#: Their names (the AE titles), as jobs and deliveries record them.
+DESTINATION_NAMES = ["PACS", "ARCHIVE"]
 
 
 @pytest.fixture
@@ -60,7 +62,8 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 def record(factory: sessionmaker[Session], *, series_uid: str, modality: str,
-           at: datetime, study_uid: str = "1.2.3", sop_uid: str | None = None) -> bool:
+           at: datetime, study_uid: str = "1.2.3", sop_uid: str | None = None,
+           calling_ae: str = "MODALITY") -> bool:
     sop = sop_uid or generate_uid()
     with factory() as session:
         new = repository.record_instance(
@@ -69,7 +72,8 @@ def record(factory: sessionmaker[Session], *, series_uid: str, modality: str,
             sop_class_uid=CTImageStorage if modality == "CT" else MRImageStorage,
             transfer_syntax_uid=ExplicitVRLittleEndian, modality=modality,
             path=f"{study_uid}/{series_uid}/{sop}.dcm", size_bytes=1000,
-            calling_ae_title="MODALITY", received_at=at,
+            calling_ae_title=calling_ae, called_ae_title="RADNODE", peer_address="10.1.2.3",
+            received_at=at,
         )
         session.commit()
     return new

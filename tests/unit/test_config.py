@@ -37,7 +37,8 @@ def config_file(tmp_path: Path) -> Path:
                 {"ae_title": "ARCHIVE", "host": "archive.local", "port": 11112,
                  "name": "archive"},
             ],
-            "pipelines": [{"modality": "MR", "model": "radnode-builtin-mr", "queue": "cpu"}],
+            "rules": [{"name": "mr", "when": {"attribute": "Modality", "equals": "MR"},
+                       "models": ["radnode-builtin-mr"], "destinations": ["archive"]}],
         },
     )
 
@@ -49,12 +50,12 @@ def test_defaults() -> None:
     assert settings.dicom.host == "0.0.0.0"
     assert settings.destinations == []
     assert settings.completion.quiet_period_s == 5.0
-    assert [p.model for p in settings.pipelines] == ["radnode-builtin-ct", "radnode-builtin-mr"]
+    assert [(r.name, r.models) for r in settings.rules] == [
+        ("ct", ["radnode-builtin-ct"]), ("mr", ["radnode-builtin-mr"])]
+    assert settings.fallback.models == []  # what no rule matched is stored, not analysed
     assert [m.name for m in settings.models] == ["radnode-builtin-ct", "radnode-builtin-mr"]
     assert settings.model("radnode-builtin-mr").accepts.modalities == ["MR"]
-    assert settings.pipelines[0].modality == ""  # what the model accepts
-    assert settings.pipelines[0].model == "radnode-builtin-ct"
-    assert settings.pipelines[0].queue == "gpu"
+    assert settings.model("radnode-builtin-ct").queue == "gpu"
     assert settings.log_level == "INFO"
     assert settings.data_dir == Path("radnode-data")
     assert settings.spool_dir == Path("radnode-data") / "spool"
@@ -77,8 +78,9 @@ def test_yaml_nested_keys_and_destinations(config_file: Path, tmp_path: Path) ->
     assert (archive.ae_title, archive.host, archive.port, archive.name) == (
         "ARCHIVE", "archive.local", 11112, "archive")
     assert str(pacs) == "PACS@10.0.0.5:104"
-    assert [(p.modality, p.model, p.queue) for p in settings.pipelines] == [
-        ("MR", "radnode-builtin-mr", "cpu")]
+    (rule,) = settings.rules
+    assert (rule.name, rule.models, rule.destinations) == ("mr", ["radnode-builtin-mr"],
+                                                           ["archive"])
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path: Path) -> None:
@@ -124,10 +126,10 @@ def test_flag_as_section_model(config_file: Path, monkeypatch: pytest.MonkeyPatc
     # radnode serve passes whole section objects built from the YAML plus flags.
     monkeypatch.setenv("RADNODE_DICOM__PORT", "12000")
     dicom = DicomSettings(ae_title="FLAGNODE", port=14000)
-    settings = load_settings(config_file, dicom=dicom, destinations=["X@h:1"])
+    settings = load_settings(config_file, dicom=dicom, destinations=["archive@h:1"])
     assert settings.dicom.port == 14000
     assert settings.dicom.ae_title == "FLAGNODE"
-    assert [str(d) for d in settings.destinations] == ["X@h:1"]
+    assert [str(d) for d in settings.destinations] == ["archive@h:1"]
 
 
 @pytest.mark.parametrize(
@@ -253,3 +255,31 @@ def test_destination_str_round_trips(text: str) -> None:
 def test_destination_str_round_trips_ipv6() -> None:
     dest = Destination.parse("V6@[::1]:11112")
     assert Destination.parse(str(dest)) == dest
+
+
+def test_errors_name_the_key_and_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "radnode.yaml"
+    path.write_text(
+        "destinations:\n"
+        "  - {name: pacs, ae_title: PACS, host: 10.0.0.5, port: 104}\n"
+        "rules:\n"
+        "  - name: ct\n"
+        "    when: {attribute: Modality, equals: CT}\n"
+        "    models: [radnode-builtin-ct]\n"
+        "  - name: chest\n"
+        "    when:\n"
+        "      all:\n"
+        "        - {attribute: SeriesDescription, regex: 'chest(('}\n"
+        "    models: [radnode-builtin-ct]\n",
+        encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert "rules.1.when.all.0" in message
+    assert "(line 10)" in message  # the line of the broken condition
+    path.write_text(path.read_text().replace("'chest(('", "chest")
+                    .replace("models: [radnode-builtin-ct]\n", "models: [liver-net]\n", 1))
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert "rules[0] (ct): model 'liver-net' is not declared" in str(info.value)
+    assert "(line 4)" in str(info.value)  # the line of that rule

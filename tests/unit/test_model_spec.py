@@ -20,11 +20,11 @@ LIVER = {"value": 1, "label": "Liver",
 
 
 def _config(tmp_path: Path, models: list[dict[str, Any]],
-            pipelines: list[dict[str, Any]] | None = None) -> Path:
+            rules: list[dict[str, Any]] | None = None) -> Path:
     path = tmp_path / "radnode.yaml"
     data: dict[str, Any] = {"data_dir": str(tmp_path / "data"), "models": models}
-    if pipelines is not None:
-        data["pipelines"] = pipelines
+    if rules is not None:
+        data["rules"] = rules
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
 
@@ -57,7 +57,7 @@ def test_builtins_are_always_declared_and_a_site_model_is_added(tmp_path: Path) 
                                          "intensity": {"method": "ct_window", "center": 40,
                                                        "width": 400}},
                                "time_limit_s": 1200}],
-                   [{"model": "liver-net"}])
+                   [{"name": "liver", "models": ["liver-net"]}])
     settings = load_settings(path)
     assert [m.name for m in settings.models] == [
         "liver-net", "radnode-builtin-ct", "radnode-builtin-mr"]
@@ -111,9 +111,12 @@ def test_bad_declarations_say_exactly_what_is_wrong(
     assert "models.0" in str(info.value)  # where in the file
 
 
-def test_pipeline_must_name_a_declared_model(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="pipelines\\[0\\]: model 'liver-net' is not declared"):
-        load_settings(_config(tmp_path, [], [{"model": "liver-net"}]))
+def test_rule_must_name_a_declared_model(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(_config(tmp_path, [], [{"name": "liver", "models": ["liver-net"]}]))
+    assert "model 'liver-net' is not declared" in str(info.value)
+    assert "rules[0]" in str(info.value)
+    assert "(line " in str(info.value)  # where in the file
 
 
 def test_model_names_are_unique(tmp_path: Path) -> None:

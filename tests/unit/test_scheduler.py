@@ -10,12 +10,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import scheduler
-from service.config import CompletionSettings, Pipeline, Settings
+from service.config import CompletionSettings, Settings, load_settings
 from service.db import repository
 from service.db.models import Job, Series
 from service.db.session import as_utc
 from service.model_spec import AcceptSpec, CodeSpec, LabelSpec, ModelSpec
-from tests.unit.conftest import DESTINATIONS, T0, Clock, record
+from service.routing import Rule
+from tests.unit.conftest import DESTINATION_NAMES, T0, Clock, record
 
 QUIET_5S = CompletionSettings(quiet_period_s=5.0)
 
@@ -77,8 +78,14 @@ def test_complete_ready_series_with_explicit_now(
         assert series.completed_at is not None and as_utc(series.completed_at) == later
 
 
+def _rules(settings: Settings, *rules: dict[str, Any]) -> Settings:
+    """``settings`` with these rules (validated as from YAML)."""
+    return settings.model_copy(update={"rules": [Rule.model_validate(r) for r in rules]})
+
+
 def _ct_only(settings: Settings) -> Settings:
-    return settings.model_copy(update={"pipelines": [Pipeline(model="radnode-builtin-ct")]})
+    return _rules(settings, {"name": "ct", "when": {"attribute": "Modality", "equals": "CT"},
+                             "models": ["radnode-builtin-ct"]})
 
 
 def test_complete_and_route_creates_ct_job_only(
@@ -102,7 +109,10 @@ def test_complete_and_route_creates_ct_job_only(
     assert job.model_name == "radnode-builtin-ct"
     assert job.queue == "gpu"
     assert job.state == "pending"
-    assert job.destinations == DESTINATIONS
+    assert job.destinations == DESTINATION_NAMES
+    assert job.rule_names == "ct"
+    assert job.priority == "routine"
+    assert job.config_version == settings.config_version
     assert job.attempts == 0
     assert as_utc(job.created_at) == T0 + timedelta(seconds=6)
     assert job.queued_at is None
@@ -241,7 +251,8 @@ def test_model_accept_conditions_read_the_series_header(
                           type=CodeSpec(value="39607008", meaning="Lung"))],
     )
     settings = settings.model_copy(update={
-        "models": [*settings.models, chest], "pipelines": [Pipeline(model="chest-net")]})
+        "models": [*settings.models, chest]})
+    settings = _rules(settings, {"name": "chest", "models": ["chest-net"]})
     _spool_file(settings, session_factory, ct, BodyPartExamined=body_part)
     clock.at(6)
     with caplog.at_level("INFO", logger="radnode.scheduler"):
@@ -293,3 +304,111 @@ def test_restart_gives_interrupted_series_a_fresh_quiet_period(
     assert scheduler.complete_and_route(settings, session_factory) == 0
     clock.at(66)
     assert scheduler.complete_and_route(settings, session_factory) == 2
+
+
+def _job_for(factory: sessionmaker[Session], series_uid: str) -> list[Job]:
+    series = _series(factory, series_uid)
+    return [j for j in _jobs(factory) if j.series_id == series.id]
+
+
+def test_stat_job_overtakes_routine_jobs_waiting_in_the_database(
+    session_factory: sessionmaker[Session], settings: Settings, clock: Clock
+) -> None:
+    settings = _rules(
+        settings,
+        {"name": "stat-ae", "when": {"association": "calling_ae", "equals": "ER_CT"},
+         "models": ["radnode-builtin-ct"], "priority": "stat"},
+        {"name": "ct", "when": {"attribute": "Modality", "equals": "CT"},
+         "models": ["radnode-builtin-ct"]},
+    )
+    settings = settings.model_copy(update={
+        "worker": settings.worker.model_copy(update={"queued_ahead": 1})})
+    routine = [generate_uid() for _ in range(3)]
+    for uid in routine:
+        record(session_factory, series_uid=uid, modality="CT", at=T0)
+    clock.at(6)
+    assert scheduler.complete_and_route(settings, session_factory) == 3
+    app = FakeCelery()
+    assert scheduler.publish_pending(app, session_factory, settings) == 1  # type: ignore[arg-type]
+    first = _job_for(session_factory, routine[0])[0]
+    assert app.calls[-1][1] == [first.id]
+
+    stat_uid = generate_uid()  # the emergency scan arrives while routine jobs wait
+    record(session_factory, series_uid=stat_uid, modality="CT", at=T0 + timedelta(seconds=7),
+           calling_ae="ER_CT")
+    clock.at(13)
+    assert scheduler.complete_and_route(settings, session_factory) == 1
+    (stat_job,) = _job_for(session_factory, stat_uid)
+    assert stat_job.priority == "stat"
+    assert stat_job.rule_names == "stat-ae,ct"
+    # The window is full until a worker starts the queued job.
+    assert scheduler.publish_pending(app, session_factory, settings) == 0  # type: ignore[arg-type]
+    with session_factory() as session:
+        assert repository.claim_job(first.id, session=session, now=T0, stale_before=T0)
+        session.commit()
+    assert scheduler.publish_pending(app, session_factory, settings) == 1  # type: ignore[arg-type]
+    assert app.calls[-1][1] == [stat_job.id]  # ahead of the two older routine jobs
+
+
+def test_rule_quiet_period_overrides_the_default(
+    session_factory: sessionmaker[Session], two_series: tuple[str, str], settings: Settings,
+    clock: Clock,
+) -> None:
+    ct, mr = two_series
+    settings = _rules(
+        settings,
+        {"name": "ct", "when": {"attribute": "Modality", "equals": "CT"},
+         "models": ["radnode-builtin-ct"], "quiet_period_s": 20},
+        {"name": "mr", "when": {"attribute": "Modality", "equals": "MR"},
+         "models": ["radnode-builtin-mr"]},
+    )
+    clock.at(6)
+    assert scheduler.complete_and_route(settings, session_factory) == 1
+    assert _series(session_factory, ct).state == "receiving"
+    assert _series(session_factory, mr).state == "complete"
+    clock.at(21)
+    assert scheduler.complete_and_route(settings, session_factory) == 1
+    assert _series(session_factory, ct).completion_reason == "quiet_period"
+
+
+def test_study_scope_waits_for_the_whole_study(
+    session_factory: sessionmaker[Session], settings: Settings, clock: Clock
+) -> None:
+    settings = _rules(settings, {"name": "ct-study", "models": ["radnode-builtin-ct"],
+                                 "when": {"attribute": "Modality", "equals": "CT"},
+                                 "completion": "study", "quiet_period_s": 10})
+    first, second = generate_uid(), generate_uid()
+    record(session_factory, series_uid=first, modality="CT", at=T0, study_uid="9.9")
+    record(session_factory, series_uid=second, modality="CT", at=T0 + timedelta(seconds=8),
+           study_uid="9.9")
+    clock.at(11)  # first series quiet for 11 s, but the study only for 3 s
+    assert scheduler.complete_and_route(settings, session_factory) == 0
+    assert _series(session_factory, first).state == "complete"
+    assert _series(session_factory, first).routed_at is None
+    clock.at(17)  # the second series completes, the study has been quiet 9 s
+    assert scheduler.complete_and_route(settings, session_factory) == 0
+    clock.at(19)
+    assert scheduler.complete_and_route(settings, session_factory) == 2
+    assert len(_job_for(session_factory, first)) == len(_job_for(session_factory, second)) == 1
+
+
+def test_sender_destination_and_fallback(
+    session_factory: sessionmaker[Session], two_series: tuple[str, str], settings: Settings,
+    clock: Clock,
+) -> None:
+    ct, mr = two_series
+    settings = load_settings(data_dir=settings.data_dir, destinations=[
+        {"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104},
+        {"name": "ct-console", "ae_title": "CTCONSOLE", "host": "10.0.0.9", "port": 104,
+         "sender_ae_titles": ["MODALITY"]},
+        {"kind": "folder", "name": "scripts", "path": str(settings.data_dir / "out")},
+    ], rules=[{"name": "ct", "when": {"attribute": "Modality", "equals": "CT"},
+               "models": ["radnode-builtin-ct"], "destinations": ["sender", "scripts"]}],
+        fallback={"models": ["radnode-builtin-mr"]})
+    clock.at(6)
+    assert scheduler.complete_and_route(settings, session_factory) == 2
+    (ct_job,) = _job_for(session_factory, ct)
+    assert ct_job.destinations == ["ct-console", "scripts"]
+    (mr_job,) = _job_for(session_factory, mr)  # no rule matched: the fallback
+    assert (mr_job.model_name, mr_job.rule_names) == ("radnode-builtin-mr", "fallback")
+    assert mr_job.destinations == ["pacs", "ct-console", "scripts"]  # omitted = all
