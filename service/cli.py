@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from service.cli_deliveries import deliveries
+from service.cli_rules import rules
 from service.config import Destination, Settings, load_settings
 from service.errors import ConfigError
 from service.logging import configure
@@ -59,22 +61,32 @@ def main() -> None:
 def serve(config_file: Path | None, ae_title: str | None, host: str | None, port: int | None,
           data_dir: Path | None, destinations: tuple[Destination, ...],
           quiet_period: float | None, no_worker: bool) -> None:
-    """Run the node: DICOM SCP, completion, job queue, delivery (and a worker)."""
+    """Run the node: DICOM SCP, completion, routing, job queue, delivery (and a worker).
+
+    SIGHUP, or a change to the config file, reloads rules, fallback,
+    destinations, completion, delivery and retention without dropping
+    associations.
+    """
     from service.node import Node
 
-    base = _settings(config_file)
-    dicom = base.dicom.model_copy(update={k: v for k, v in
-                                          {"ae_title": ae_title, "host": host, "port": port}.items()
-                                          if v is not None})
-    completion = base.completion.model_copy(
-        update={"quiet_period_s": quiet_period} if quiet_period is not None else {})
-    broker = base.broker.model_copy(update={"embedded_worker": False} if no_worker else {})
-    settings = _settings(
-        config_file, dicom=dicom, completion=completion, broker=broker, data_dir=data_dir,
-        destinations=list(destinations) or None,
-    )
+    def build() -> Settings:
+        base = load_settings(config_file)
+        dicom = base.dicom.model_copy(update={k: v for k, v in {
+            "ae_title": ae_title, "host": host, "port": port}.items() if v is not None})
+        completion = base.completion.model_copy(
+            update={"quiet_period_s": quiet_period} if quiet_period is not None else {})
+        broker = base.broker.model_copy(update={"embedded_worker": False} if no_worker else {})
+        return load_settings(
+            config_file, dicom=dicom, completion=completion, broker=broker, data_dir=data_dir,
+            destinations=list(destinations) or None,
+        )
+
+    try:
+        settings = build()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
     configure(settings.log_level)
-    node = Node(settings)
+    node = Node(settings, reload=build, config_file=config_file)
     try:
         node.start()
     except OSError as exc:
@@ -168,7 +180,7 @@ def db_upgrade(config_file: Path | None, data_dir: Path | None, revision: str) -
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--limit", default=20, show_default=True, help="How many jobs, newest first.")
 def jobs(config_file: Path | None, data_dir: Path | None, limit: int) -> None:
-    """Show recent jobs: series, why it was complete, state, attempts, deliveries, error."""
+    """Show recent jobs: series, why complete, rules, state, attempts, deliveries, error."""
     from rich.console import Console
     from rich.table import Table
 
@@ -177,18 +189,19 @@ def jobs(config_file: Path | None, data_dir: Path | None, limit: int) -> None:
 
     settings = _settings(config_file, data_dir=data_dir)
     table = Table(title=f"radnode jobs ({settings.database_url.split('://')[0]})")
-    for column in ("job", "series (UID)", "mod.", "inst.", "complete", "model", "state",
-                   "tries", "delivered", "error"):
+    for column in ("job", "series (UID)", "mod.", "inst.", "complete", "rules", "model",
+                   "state", "tries", "delivered", "error"):
         table.add_column(column, overflow="fold")
     factory = make_session_factory(make_engine(settings.database_url))
     with factory() as session:
         for job in repository.recent_jobs(session=session, limit=limit):
             deliveries = [d for r in job.results for d in r.deliveries]
-            sent = sum(d.state == "sent" for d in deliveries)
+            sent = sum(d.state in ("sent", "committed") for d in deliveries)
             state = job.state if job.state != "failed" else f"[red]{job.state}[/]"
             table.add_row(
                 str(job.id), job.series.series_instance_uid, job.series.modality,
                 str(job.series.instance_count), job.series.completion_reason or "-",
+                (job.rule_names or "-") + (" [bold]STAT[/]" if job.priority == "stat" else ""),
                 job.model_name, state, str(job.attempts), f"{sent}/{len(deliveries)}",
                 (job.error or "")[:200],
             )
@@ -216,7 +229,13 @@ def config_check(config_file: Path | None) -> None:
                    f"{', ' + info['path'] if info['path'] else ''}), accepts "
                    f"{'/'.join(info['accepts'])}, "
                    f"outputs: {', '.join(info['outputs']) or 'built in'}")
-    click.echo("configuration is valid")
+    for destination in settings.destinations:
+        click.echo(f"destination {destination.name}: {destination}")
+    for rule in settings.rules:
+        click.echo(f"rule {rule.name}: models {', '.join(rule.models) or 'none (store only)'}"
+                   f" → {', '.join(rule.destinations) if rule.destinations is not None else 'all'}"
+                   f" ({rule.priority}{', final' if rule.final else ''})")
+    click.echo(f"configuration is valid (version {settings.config_version})")
 
 
 @main.command()
@@ -241,6 +260,9 @@ def demo(input_dir: Path | None, data_dir: Path, phantom: bool, quiet_period: fl
     sys.exit(run_demo(input_dir=input_dir, data_dir=data_dir, quiet_period_s=quiet_period,
                       timeout_s=timeout, phantom=phantom))
 
+
+main.add_command(deliveries)
+main.add_command(rules)
 
 if __name__ == "__main__":
     main()

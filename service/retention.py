@@ -2,8 +2,9 @@
 
 Policy (``retention`` settings):
 
-* a series whose every job succeeded and every result was delivered is
-  purged ``after_delivery_h`` hours after its last delivery;
+* a series whose every job succeeded and every result was delivered (sent;
+  committed, for destinations with Storage Commitment) is purged
+  ``after_delivery_h`` hours after its last delivery;
 * any other complete series (not analysed, a job or delivery that failed) is
   purged ``max_age_days`` days after its last instance, so an operator has
   that long to retry;
@@ -22,7 +23,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.config import Settings
+from service.config import Destination, Settings
 from service.db.models import Series
 from service.db.session import as_utc, utcnow
 from service.dicom.spool import forget_directory
@@ -39,10 +40,14 @@ def purge_time(series: Series, settings: Settings) -> datetime | None:
     if any(job.state in _ACTIVE_JOB_STATES for job in jobs):
         return None
     deliveries = [d for job in jobs for result in job.results for d in result.deliveries]
+    committing = {d.name for d in settings.destinations
+                  if isinstance(d, Destination) and d.storage_commitment}
     delivered = (
         bool(jobs) and all(job.state in ("succeeded", "superseded") for job in jobs)
         and any(job.state == "succeeded" for job in jobs)
-        and bool(deliveries) and all(d.state == "sent" for d in deliveries)
+        and bool(deliveries) and all(
+            d.state == "committed" or (d.state == "sent" and d.destination not in committing)
+            for d in deliveries)
     )
     if delivered and cfg.after_delivery_h > 0:
         last = max(as_utc(d.sent_at) for d in deliveries if d.sent_at is not None)

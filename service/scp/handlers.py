@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import repository
 from service.db.session import utcnow
+from service.delivery.commitment import CommitmentReport
 from service.dicom import spool
 from service.dicom.inspect import check_complete, dataset_offset
 from service.dicom.uids import printable, require_uid
@@ -82,6 +83,10 @@ class StoreContext:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: True while the spool is below its reserve (for logs and health).
     low_disk: bool = False
+    #: Receives each Storage Commitment report (N-EVENT-REPORT, DICOM PS3.4
+    #: J.3.3); None: the report is recorded in the deliveries table
+    #: (:func:`service.delivery.commitment.record_report`).
+    on_commitment_report: Callable[[CommitmentReport], None] | None = None
 
     def has_room_for(self, size: int) -> bool:
         """True if ``size`` more bytes leave at least the reserve free; logs transitions."""
@@ -206,6 +211,8 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
                 path=relative,
                 size_bytes=size,
                 calling_ae_title=calling_ae[:16],
+                called_ae_title=printable(_called_ae(event), 16)[:16],
+                peer_address=printable(str(event.assoc.requestor.address), 64)[:64],
                 received_at=utcnow(),
                 expected_count=fields.expected_count,
             )
@@ -232,6 +239,12 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
         log.debug("stored %s (series %s) from AE %s", sop_instance_uid, fields.series_uid,
                   calling_ae)
     return SUCCESS
+
+
+def _called_ae(event: evt.Event) -> str:
+    """The AE title the peer called (A-ASSOCIATE-RQ), '' if unknown."""
+    primitive = getattr(event.assoc.requestor, "primitive", None)
+    return str(getattr(primitive, "called_ae_title", "") or "")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,22 @@
-"""The node's Application Entity: a pynetdicom SCP for C-ECHO and C-STORE."""
+"""The node's Application Entity: a pynetdicom SCP for C-ECHO, C-STORE and commitment reports.
+
+Storage Commitment reports (DICOM PS3.4 J.3.3)
+----------------------------------------------
+A PACS that radnode asked to commit instances (:mod:`service.delivery.commitment`)
+usually reports on a *new* association that it opens to this SCP: it is the
+association requestor, yet the SCP of the Storage Commitment Push Model SOP
+Class, and proposes that with SCP/SCU Role Selection (PS3.7 D.3.3.4). The
+context is supported with ``scu_role=False, scp_role=True``: pynetdicom
+accepts a requestor that proposes the SCP role (alone or with the SCU role)
+and one that proposes no role selection at all, and rejects a requestor that
+offers only the SCU role (radnode is no Storage Commitment SCP). The
+N-EVENT-REPORT goes to :func:`service.delivery.commitment.handle_event_report`.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.uid import (
@@ -17,6 +31,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import DicomSettings
+from service.delivery.commitment import (
+    STORAGE_COMMITMENT_PUSH_MODEL,
+    CommitmentReport,
+    handle_event_report,
+    report_recorder,
+)
 from service.dicom.net import set_tcp_nodelay
 from service.dicom.uids import printable
 from service.scp.handlers import (
@@ -59,6 +79,9 @@ def _preference(syntax: UID) -> int:
 #: implicit VR little endian and big endian.
 STORAGE_TRANSFER_SYNTAXES = [str(ts) for ts in sorted(AllTransferSyntaxes, key=_preference)]
 
+#: Storage Commitment reports are small data sets in a little endian syntax.
+COMMITMENT_TRANSFER_SYNTAXES = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+
 
 def _on_accepted(event: evt.Event) -> None:
     requestor = event.assoc.requestor
@@ -87,7 +110,22 @@ def build_ae(settings: DicomSettings) -> AE:
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+    # Storage Commitment reports from a PACS acting as requestor in the SCP role.
+    ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL, COMMITMENT_TRANSFER_SYNTAXES,
+                             scu_role=False, scp_role=True)
     return ae
+
+
+def commitment_callback(context: StoreContext) -> Callable[[CommitmentReport], None]:
+    """Where the SCP passes Storage Commitment reports.
+
+    ``context.on_commitment_report`` if set; otherwise a recorder that applies
+    each report to the deliveries table with ``context.session_factory``
+    (:func:`service.delivery.commitment.report_recorder`).
+    """
+    if context.on_commitment_report is not None:
+        return context.on_commitment_report
+    return report_recorder(context.session_factory)
 
 
 def start_scp(settings: DicomSettings, context: StoreContext) -> ThreadedAssociationServer:
@@ -108,6 +146,7 @@ def start_scp(settings: DicomSettings, context: StoreContext) -> ThreadedAssocia
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
+        (evt.EVT_N_EVENT_REPORT, handle_event_report, [commitment_callback(context)]),
         (evt.EVT_ACCEPTED, _on_accepted),
         (evt.EVT_RELEASED, handle_released, [context]),
         (evt.EVT_ABORTED, handle_aborted, [context]),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -12,14 +11,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from pydicom import dcmread, dcmwrite
 from pydicom.uid import AllTransferSyntaxes, CTImageStorage
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from service.config import Destination
-from service.dicom.scu import StoreOutcome, echo, find_dicom_files, store_files
+from service.dicom.scu import (
+    MAX_CONTEXTS,
+    StoreOutcome,
+    TranscodeError,
+    _batches,
+    _contexts,
+    _FileInfo,
+    echo,
+    find_dicom_files,
+    is_permanent,
+    store_files,
+    to_explicit_little_endian,
+)
+from tests.conftest import dcmtk_tool
 from tests.unit.dicom_factory import write_ct_file
 
 
@@ -35,6 +49,8 @@ class PeerSCP:
 
     #: Which requests wait (longer than the SCU's response timeout): "none", "first", "all".
     stall: str = "none"
+    #: The status every C-STORE request gets.
+    status: int = 0x0000
     #: (SOP Instance UID, association) per C-STORE request, in arrival order.
     received: list[tuple[str, Association]] = field(default_factory=list)
     connections: int = 0
@@ -50,19 +66,19 @@ class PeerSCP:
             # Longer than the SCU's response timeout; released by the test once
             # store_files has returned, at the latest after 3 s.
             self.release.wait(timeout=3.0)
-        return 0x0000
+        return self.status
 
     def on_conn_open(self, _event: evt.Event) -> None:
         with self.lock:
             self.connections += 1
 
 
-def _start_peer(peer: PeerSCP, *, ae_title: str = "PEERSCP", require_called_aet: bool = False
-                ) -> tuple[Any, int]:
+def _start_peer(peer: PeerSCP, *, ae_title: str = "PEERSCP", require_called_aet: bool = False,
+                syntaxes: list[str] | None = None) -> tuple[Any, int]:
     ae = AE(ae_title=ae_title)
     ae.require_called_aet = require_called_aet
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_supported_context(CTImageStorage, [str(ts) for ts in AllTransferSyntaxes])
+    ae.add_supported_context(CTImageStorage, syntaxes or [str(ts) for ts in AllTransferSyntaxes])
     ae.add_supported_context(Verification)
     server = ae.start_server(
         ("127.0.0.1", 0), block=False,
@@ -185,7 +201,9 @@ def test_nothing_listening_fails_every_file_once(tmp_path: Path) -> None:
     for outcome in outcomes:
         assert outcome.status is None
         assert not outcome.ok
+        assert outcome.unreachable and not outcome.permanent
         assert outcome.error and str(destination) in outcome.error
+        assert outcome.error.endswith("Connection refused")
         assert outcome.sop_instance_uid  # read from the file meta
 
 
@@ -201,6 +219,9 @@ def test_rejecting_peer_is_tried_once_not_per_file(tmp_path: Path) -> None:
         server.shutdown()
     assert len(outcomes) == 6
     assert all(o.status is None and "WRONGNAME@127.0.0.1" in (o.error or "") for o in outcomes)
+    assert all(o.unreachable and not o.permanent for o in outcomes)
+    assert "the peer rejected it (Rejected Permanent, source: Service User, reason: Called AE " \
+        "title not recognised)" in (outcomes[0].error or "")
     assert scp.connections == 1  # no retry storm: one association attempt for the batch
     assert scp.received == []
 
@@ -233,19 +254,7 @@ def test_find_dicom_files_recurses_and_skips_non_dicom(tmp_path: Path) -> None:
 
 
 def _dcmtk_storescp() -> str | None:
-    """Return dcmtk's storescp (not pynetdicom's app of the same name), if installed."""
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = shutil.which("storescp", path=folder) if folder else None
-        if not candidate:
-            continue
-        try:
-            version = subprocess.run([candidate, "--version"], capture_output=True, text=True,
-                                     timeout=10, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if "dcmtk" in (version.stdout + version.stderr).lower():
-            return candidate
-    return None
+    return dcmtk_tool("storescp")
 
 
 @pytest.fixture
@@ -301,3 +310,166 @@ def test_load_200_instances_to_dcmtk_storescp(
     assert len(received) == 200
     names = "\n".join(p.name for p in received)
     assert all(o.sop_instance_uid in names for o in outcomes)
+
+
+# -- failure statuses ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "permanent"), [
+    (0x0000, False),  # Success
+    (0x0001, False),  # Warning
+    (0xB000, False),  # Warning: coercion of data elements
+    (0xB007, False),  # Warning: data set does not match SOP class
+    (0x0122, True),   # SOP class not supported (PS3.7 C.5.4)
+    (0x0124, True),   # Not authorised (PS3.7 C.5.5)
+    (0xA900, True),   # Data set does not match SOP class (PS3.4 B.2.3)
+    (0xA9FF, True),
+    (0xC000, True),   # Cannot understand (PS3.4 B.2.3)
+    (0xC123, True),
+    (0xCFFF, True),
+    (0xA700, False),  # Out of resources: may succeed later
+    (0xA7FF, False),
+    (0x0110, False),  # Processing failure
+    (0x0117, False),  # Invalid SOP instance
+    (0x0211, False),  # Unrecognised operation
+    (0xA800, False),
+    (0xD000, False),
+    (0xFE00, False),  # Cancel
+])
+def test_is_permanent(status: int, permanent: bool) -> None:
+    assert is_permanent(status) is permanent
+
+
+@pytest.mark.parametrize(("status", "ok", "permanent"), [
+    (0xA700, False, False),
+    (0xA900, False, True),
+    (0xC001, False, True),
+    (0x0122, False, True),
+    (0xB000, True, False),
+])
+def test_failure_status_is_classified(tmp_path: Path, status: int, ok: bool,
+                                      permanent: bool) -> None:
+    scp = PeerSCP(status=status)
+    server, port = _start_peer(scp)
+    try:
+        (path,) = _files(tmp_path, 1)
+        (outcome,) = store_files(Destination(ae_title="PEERSCP", host="127.0.0.1", port=port),
+                                 [path], response_timeout_s=5.0)
+    finally:
+        server.shutdown()
+    assert (outcome.status, outcome.ok, outcome.permanent, outcome.unreachable) == (
+        status, ok, permanent, False)
+    if ok:
+        assert outcome.error is None
+    else:
+        assert outcome.error == f"C-STORE failed with status 0x{status:04X}"
+
+
+# -- presentation contexts ----------------------------------------------------------------
+
+CT, SEG = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.66.4"
+EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+J2K, RLE, BIG = "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.2"
+
+
+def _info(sop_class: str, syntax: str, n: int = 0) -> _FileInfo:
+    return _FileInfo(Path(f"{n}.dcm"), sop_class, f"1.2.3.{n}", syntax)
+
+
+def test_contexts_offer_the_stored_syntax_and_little_endian_separately() -> None:
+    infos = [_info(CT, J2K, 1), _info(CT, IMPLICIT, 2), _info(CT, J2K, 3), _info(SEG, RLE, 4),
+             _info(SEG, BIG, 5), _info(CT, EXPLICIT, 6)]
+    assert _contexts(infos) == [
+        (CT, [J2K]),
+        (CT, [EXPLICIT, IMPLICIT]),
+        (SEG, [RLE]),
+        (SEG, [EXPLICIT, IMPLICIT]),
+        (SEG, [BIG]),
+    ]
+
+
+def test_batches_never_need_more_than_128_contexts() -> None:
+    # 100 SOP classes, each with a compressed file: 2 contexts each.
+    infos = [_info(f"1.2.3.{n}", J2K, n) for n in range(100)]
+    batches = _batches(infos)
+    assert [len(b) for b in batches] == [64, 36]
+    assert all(len(_contexts(b)) <= MAX_CONTEXTS for b in batches)
+    assert [i for b in batches for i in b] == infos
+    # Many files of one class and syntax share the same two contexts.
+    assert len(_batches([_info(CT, J2K, n) for n in range(500)])) == 1
+
+
+# -- transcoding --------------------------------------------------------------------------
+
+
+def _transfer_syntaxes(test_data_dir: Path) -> Path:
+    return test_data_dir / "transfer_syntaxes"
+
+
+@pytest.mark.parametrize("name", [
+    "dcm_qa_ts/3.dcm", "dcm_qa_ts/4.dcm", "dcm_qa_ts/7.dcm", "dcm_qa_ts/9.dcm",
+    "pydicom_small/MR_small_bigendian.dcm", "nema_wg04/US1_J2KI.dcm",
+    "gdcm/Philips_US_3EAF5680_8b_YBR_jpeg.dcm", "dclunie/image_dfl.dcm",
+])
+def test_to_explicit_little_endian_keeps_pixels_and_uid(test_data_dir: Path, name: str) -> None:
+    path = _transfer_syntaxes(test_data_dir) / name
+    source = dcmread(path)
+    before = source.file_meta.TransferSyntaxUID
+    result = to_explicit_little_endian(source)
+    assert source.file_meta.TransferSyntaxUID == before  # the input is left alone
+    assert result.file_meta.TransferSyntaxUID == EXPLICIT
+    assert result.SOPInstanceUID == source.SOPInstanceUID
+    assert np.array_equal(result.pixel_array, dcmread(path).pixel_array)
+
+
+def test_one_bit_segmentation_is_packed_again(test_data_dir: Path) -> None:
+    # pydicom 3.0.2's decompress() leaves one byte per pixel for Bits Allocated 1.
+    variants = test_data_dir / "seg_sr" / "pydicom_liver_seg_variants"
+    reference = dcmread(test_data_dir / "seg_sr" / "dcmqi_ct_liver_seg" / "liver.dcm")
+    result = to_explicit_little_endian(dcmread(variants / "liver_j2k.dcm"))
+    assert result.BitsAllocated == 1
+    assert len(result.PixelData) == len(reference.PixelData)  # 3 x 512 x 512 bits
+    assert np.array_equal(result.pixel_array, reference.pixel_array)
+
+
+def test_pixels_that_change_in_the_conversion_are_refused(
+    test_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.dicom.scu as scu
+
+    monkeypatch.setattr(scu, "pack_bits", lambda arr: bytes(len(arr.ravel()) // 8))
+    path = test_data_dir / "seg_sr" / "pydicom_liver_seg_variants" / "liver_j2k.dcm"
+    with pytest.raises(TranscodeError, match="the decoded pixels differ after the conversion"):
+        to_explicit_little_endian(dcmread(path))
+
+
+def test_big_endian_with_un_element_is_refused(test_data_dir: Path, tmp_path: Path) -> None:
+    ds = dcmread(_transfer_syntaxes(test_data_dir) / "pydicom_small" / "MR_small_bigendian.dcm")
+    ds.add_new(0x00091010, "UN", b"\x01\x02\x03\x04")
+    crafted = tmp_path / "un.dcm"
+    dcmwrite(crafted, ds, enforce_file_format=True)
+    with pytest.raises(TranscodeError, match=r"\(0009,1010\) has VR UN"):
+        to_explicit_little_endian(dcmread(crafted))
+
+
+def test_sop_class_accepted_only_in_another_files_syntax_is_refused(tmp_path: Path) -> None:
+    # The peer takes CT only as RLE: the RLE file goes as stored, the plain one cannot go.
+    plain = write_ct_file(tmp_path / "plain.dcm", seed=1)
+    ds = dcmread(write_ct_file(tmp_path / "rle.dcm", seed=2))
+    ds.compress(RLE)
+    rle = tmp_path / "rle.dcm"
+    ds.save_as(rle)
+    scp = PeerSCP()
+    server, port = _start_peer(scp, syntaxes=[RLE])
+    try:
+        plain_outcome, rle_outcome = store_files(
+            Destination(ae_title="PEERSCP", host="127.0.0.1", port=port), [plain, rle],
+            response_timeout_s=5.0)
+    finally:
+        server.shutdown()
+    assert rle_outcome.ok and rle_outcome.status == 0
+    assert plain_outcome.permanent and not plain_outcome.unreachable and not plain_outcome.ok
+    assert plain_outcome.error == (
+        f"destination accepted SOP class CT Image Storage ({CT}) only as RLE Lossless, "
+        "not as Explicit VR Little Endian")
+    assert [uid for uid, _ in scp.received] == [rle_outcome.sop_instance_uid]

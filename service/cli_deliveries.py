@@ -1,0 +1,141 @@
+"""``radnode deliveries``: list deliveries, resend results, retry failed deliveries.
+
+These commands work on the database; a running node picks the changes up on
+its next delivery tick (no restart, nothing else to signal).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import load_settings
+from service.errors import ConfigError
+
+config_option = click.option(
+    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML configuration file (keys documented in README).",
+)
+data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
+
+
+def _factory(config_file: Path | None, data_dir: Path | None) -> tuple[sessionmaker[Session],
+                                                                         set[str]]:
+    from service.db.session import make_engine, make_session_factory
+
+    try:
+        settings = load_settings(config_file, data_dir=data_dir)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    names = {d.name for d in settings.destinations}
+    return make_session_factory(make_engine(settings.database_url)), names
+
+
+@click.group()
+def deliveries() -> None:
+    """Result deliveries: list, resend, retry."""
+
+
+@deliveries.command("list")
+@config_option
+@data_dir_option
+@click.option("--state", type=click.Choice(["pending", "sending", "sent", "committed",
+                                            "failed"]))
+@click.option("--destination", help="Destination name.")
+@click.option("--study", "study_uid", help="Study Instance UID.")
+@click.option("--limit", default=50, show_default=True, help="Newest first.")
+def list_deliveries(config_file: Path | None, data_dir: Path | None, state: str | None,
+                    destination: str | None, study_uid: str | None, limit: int) -> None:
+    """Show deliveries: result, destination, state, attempts, last status, error."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.db import repository
+
+    factory, _ = _factory(config_file, data_dir)
+    table = Table(title="radnode deliveries")
+    for column in ("id", "kind", "SOP Instance UID", "destination", "state", "tries", "status",
+                   "sent", "committed", "error"):
+        table.add_column(column, overflow="fold")
+    with factory() as session:
+        rows = repository.find_deliveries(session=session, state=state, destination=destination,
+                                          study_instance_uid=study_uid, limit=limit)
+        for d in rows:
+            colour = {"failed": "red", "committed": "green", "sent": "green"}.get(d.state)
+            table.add_row(
+                str(d.id), d.result.kind, d.result.sop_instance_uid, d.destination,
+                f"[{colour}]{d.state}[/]" if colour else d.state, str(d.attempts),
+                "-" if d.status is None else f"0x{d.status:04X}",
+                d.sent_at.strftime("%Y-%m-%d %H:%M:%S") if d.sent_at else "-",
+                d.committed_at.strftime("%Y-%m-%d %H:%M:%S") if d.committed_at else "-",
+                (d.error or "")[:120],
+            )
+    Console().print(table)
+
+
+@deliveries.command("resend")
+@config_option
+@data_dir_option
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--study", "study_uid", help="Every result of this Study Instance UID.")
+@click.option("--to", "destination",
+              help="Only to this destination; with --study also to one the results never "
+                   "went to.")
+def resend(config_file: Path | None, data_dir: Path | None, ids: tuple[int, ...],
+           study_uid: str | None, destination: str | None) -> None:
+    """Send results again: deliveries IDS, or a whole study's results (--study)."""
+    from service.db import repository
+    from service.db.session import utcnow
+
+    if not ids and not study_uid:
+        raise click.UsageError("give delivery ids or --study UID")
+    factory, names = _factory(config_file, data_dir)
+    if destination is not None and destination not in names:
+        raise click.ClickException(f"no destination named {destination!r} is configured "
+                                   f"(configured: {', '.join(sorted(names)) or 'none'})")
+    now = utcnow()
+    count = 0
+    with factory() as session:
+        if ids:
+            rows = repository.find_deliveries(session=session, ids=ids, destination=destination)
+            missing = set(ids) - {d.id for d in rows}
+            if missing:
+                raise click.ClickException(
+                    f"no delivery with id {', '.join(map(str, sorted(missing)))}")
+            for d in rows:
+                repository.schedule_delivery(d.result, d.destination, session=session, now=now)
+                count += 1
+        if study_uid:
+            results = repository.study_results(study_uid, session=session)
+            if not results:
+                raise click.ClickException(f"study {study_uid} has no results")
+            for result in results:
+                targets = ([destination] if destination else
+                           sorted({d.destination for d in result.deliveries}))
+                for name in targets:
+                    repository.schedule_delivery(result, name, session=session, now=now)
+                    count += 1
+        session.commit()
+    click.echo(f"{count} deliver{'y' if count == 1 else 'ies'} scheduled")
+
+
+@deliveries.command("retry")
+@config_option
+@data_dir_option
+@click.option("--destination", help="Only deliveries to this destination.")
+def retry(config_file: Path | None, data_dir: Path | None, destination: str | None) -> None:
+    """Try every failed delivery again (attempts start from zero)."""
+    from service.db import repository
+    from service.db.session import utcnow
+
+    factory, _ = _factory(config_file, data_dir)
+    now = utcnow()
+    with factory() as session:
+        rows = repository.find_deliveries(session=session, state="failed",
+                                          destination=destination)
+        for d in rows:
+            repository.schedule_delivery(d.result, d.destination, session=session, now=now)
+        session.commit()
+    click.echo(f"{len(rows)} failed deliver{'y' if len(rows) == 1 else 'ies'} scheduled again")
