@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -20,9 +21,11 @@ from service.config import Settings, dump_settings
 from service.db import migrate, repository
 from service.db.models import Delivery
 from service.db.session import make_engine, make_session_factory, utcnow
+from service.delivery.dispatch import Dispatcher
+from service.errors import ConfigError
 from service.queue import make_celery
 from service.retention import purge_due
-from service.scheduler import Loop, complete_and_route, deliver_due, publish_pending, sweep_jobs
+from service.scheduler import Loop, Router, complete_and_route, publish_pending, sweep_jobs
 from service.scp.handlers import StoreContext
 from service.scp.server import start_scp
 
@@ -49,11 +52,14 @@ def remove_interrupted_writes(*folders: Path) -> int:
     """Delete temporary files of writes a crash interrupted; return how many.
 
     They were never renamed into place, so never acknowledged to a peer
-    (the SCP answers Success only after the rename and the database row).
+    (the SCP answers Success only after the rename and the database row), or
+    never became a broker message (:class:`service.queue.SpoolChannel`: the
+    job stays queued in the database and the sweeper publishes it again).
     """
     removed = 0
     for folder in folders:
-        partials = [*folder.rglob(".incoming-*.tmp"), *folder.glob(".incoming/*")]
+        partials = [*folder.rglob(".incoming-*.tmp"), *folder.glob(".incoming/*"),
+                    *folder.glob(".writing-*")]
         for partial in partials:
             partial.unlink(missing_ok=True)
             removed += 1
@@ -68,12 +74,15 @@ class EmbeddedWorker:
     def __init__(self, settings: Settings) -> None:
         self.config_path = settings.data_dir / "run" / "worker-config.yaml"
         dump_settings(settings, self.config_path)
+        # The one embedded worker serves every queue a model is declared on.
+        self.queues = sorted({*settings.worker.queues, *(m.queue for m in settings.models)})
         self.process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="worker-watch", daemon=True)
 
     def _spawn(self) -> None:
-        cmd = [sys.executable, "-m", "service.cli", "worker", "--config", str(self.config_path)]
+        cmd = [sys.executable, "-m", "service.cli", "worker", "--config", str(self.config_path),
+               "--queues", ",".join(self.queues)]
         # Own session: the node decides when the worker stops (warm shutdown); and
         # the worker asks for SIGTERM should the node be killed outright.
         env = {**os.environ, "RADNODE_PARENT_PID": str(os.getpid())}
@@ -106,11 +115,34 @@ class EmbeddedWorker:
             self.process.wait()
 
 
-class Node:
-    """Everything ``radnode serve`` runs, in one object with start and stop."""
+#: Sections that a reload applies at once; the others need a restart.
+RELOADABLE = ("rules", "fallback", "destinations", "completion", "delivery", "retention")
 
-    def __init__(self, settings: Settings) -> None:
+
+class Node:
+    """Everything ``radnode serve`` runs, in one object with start and stop.
+
+    Parameters
+    ----------
+    settings : Settings
+        The configuration at start.
+    reload : callable, optional
+        Builds the settings again (from the same file, environment and
+        flags): on SIGHUP, or when ``config_file`` changes, the node applies
+        the new routing and delivery sections without dropping associations.
+    config_file : pathlib.Path, optional
+        Watched for changes (modification time) when ``reload`` is given.
+    """
+
+    def __init__(self, settings: Settings, *, reload: Callable[[], Settings] | None = None,
+                 config_file: Path | None = None) -> None:
         self.settings = settings
+        self._reload = reload
+        self._config_file = config_file
+        self._config_mtime = self._mtime()
+        self._reload_requested = threading.Event()
+        self._router = Router()
+        self._dispatcher = Dispatcher()
         self._stop = threading.Event()
         self._loops: list[Loop] = []
         self._worker: EmbeddedWorker | None = None
@@ -128,7 +160,7 @@ class Node:
         s = self.settings
         for folder in (s.data_dir, s.spool_dir, s.results_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        remove_interrupted_writes(s.spool_dir, s.results_dir)
+        remove_interrupted_writes(s.spool_dir, s.results_dir, s.data_dir / "broker" / "messages")
         # pynetdicom writes received data sets to temporary files: keep them on
         # the spool's file system so that storing one is a rename, not a copy.
         incoming = s.spool_dir / ".incoming"
@@ -153,14 +185,19 @@ class Node:
             self._worker = EmbeddedWorker(s)
             self._worker.start()
         interval = s.completion.check_interval_s
+        # Each loop reads self.settings on every tick, so a reload applies at once.
         self._loops = [
-            Loop("completion", lambda: (complete_and_route(s, factory),
-                                        publish_pending(app, factory, s)), interval),
-            Loop("delivery", lambda: deliver_due(s, factory), interval),
-            Loop("sweeper", lambda: sweep_jobs(s, factory),
+            Loop("completion", lambda: (
+                complete_and_route(self.settings, factory, self._router),
+                publish_pending(app, factory, self.settings)), interval),
+            Loop("delivery", lambda: self._dispatcher.tick(self.settings, factory), interval),
+            Loop("sweeper", lambda: sweep_jobs(self.settings, factory),
                  min(5.0, s.worker.heartbeat_timeout_s / 4)),
-            Loop("retention", lambda: purge_due(s, factory), s.retention.check_interval_s),
+            Loop("retention", lambda: purge_due(self.settings, factory),
+                 s.retention.check_interval_s),
         ]
+        if self._reload is not None:
+            self._loops.append(Loop("config", self._check_reload, 1.0))
         for loop in self._loops:
             loop.start()
         self.store_context = StoreContext(s.spool_dir.resolve(), factory,
@@ -178,8 +215,12 @@ class Node:
             log.info("signal %d: stopping", signum)
             self._stop.set()
 
+        def _hangup(_signum: int, _frame: FrameType | None) -> None:
+            self._reload_requested.set()
+
         signal.signal(signal.SIGTERM, _handle)
         signal.signal(signal.SIGINT, _handle)
+        signal.signal(signal.SIGHUP, _hangup)
         self._stop.wait()
         self.stop()
 
@@ -205,7 +246,61 @@ class Node:
                 assoc.abort()
         for loop in self._loops:
             loop.stop()
+        self._dispatcher.shutdown()
         if self._worker is not None:
             self._worker.stop()
         log.info("radnode stopped")
+
+    def request_reload(self) -> None:
+        """Ask for a reload of the configuration (what SIGHUP does)."""
+        self._reload_requested.set()
+
+    def _mtime(self) -> float:
+        try:
+            return self._config_file.stat().st_mtime if self._config_file else 0.0
+        except OSError:
+            return 0.0
+
+    def _check_reload(self) -> None:
+        mtime = self._mtime()
+        if mtime != self._config_mtime:
+            self._config_mtime = mtime
+            self._reload_requested.set()
+        if self._reload_requested.is_set():
+            self._reload_requested.clear()
+            self.reload()
+
+    def reload(self) -> bool:
+        """Apply the configuration again without dropping associations; True if applied.
+
+        The sections in :data:`RELOADABLE` (rules, fallback, destinations,
+        completion, delivery, retention) take effect at once; jobs routed from
+        now on record the new configuration version. Changes elsewhere (DICOM
+        port, database, broker, models, worker) are logged and wait for a
+        restart. An invalid file changes nothing: the error is logged and the
+        running configuration stays.
+        """
+        if self._reload is None:
+            return False
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            log.error("configuration not reloaded, the running one stays: %s", exc)
+            return False
+        old = self.settings
+        later = [key for key in type(old).model_fields
+                 if key not in RELOADABLE and getattr(new, key) != getattr(old, key)]
+        update = {key: getattr(new, key) for key in RELOADABLE}
+        candidate = old.model_copy(update=update)
+        try:  # the new rules against the running models
+            type(old).model_validate(candidate.model_dump())
+        except ValueError as exc:
+            log.error("configuration not reloaded, the running one stays: %s", exc)
+            return False
+        self.settings = candidate
+        self._router.reset()
+        log.info("configuration reloaded: version %s (was %s)%s", candidate.config_version,
+                 old.config_version,
+                 f"; changes to {', '.join(later)} take effect on restart" if later else "")
+        return True
 

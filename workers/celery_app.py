@@ -37,7 +37,8 @@ def create_worker_app(settings: Settings) -> Celery:
         tasks.session_factory_for(settings)
         if not settings.worker.warm_up:
             return
-        names = list(dict.fromkeys(p.model for p in settings.pipelines))
+        names = [name for name in settings.routed_models()
+                 if settings.model(name).queue in settings.worker.queues]
         for name in names[: settings.worker.max_warm_models]:
             spec = settings.model(name)
             try:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 from service.db import repository
-from service.db.models import Delivery, Job, Result
+from service.db.models import Job, Result
 from service.db.session import make_engine, make_session_factory, utcnow
 from service.dicom.spool import write_durably
 from workers.inference.base import ClassificationModel, SegmentationModel, Volume
@@ -221,18 +221,8 @@ def _store_result(
     result.path = str(path)
     result.summary = summary
     session.flush()
-    for destination in destinations:
-        delivery = session.scalars(
-            select(Delivery).where(Delivery.result_id == result.id,
-                                   Delivery.destination == destination)
-        ).first()
-        if delivery is None:
-            delivery = Delivery(result_id=result.id, destination=destination, created_at=now)
-            session.add(delivery)
-        delivery.state = "pending"
-        delivery.attempts = 0
-        delivery.error = None
-        delivery.next_attempt_at = now
+    for destination in destinations:  # a re-run sends the new result afresh
+        repository.schedule_delivery(result, destination, session=session, now=now)
     return result
 
 
@@ -288,7 +278,7 @@ def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmak
         t1 = time.perf_counter()
         volumes = load_volumes(paths)
         t2 = time.perf_counter()
-        wants_sc = {str(d) for d in settings.destinations if d.secondary_capture}
+        wants_sc = {d.name for d in settings.destinations if d.secondary_capture}
         sc_destinations = [d for d in destinations if d in wants_sc]
         out_dir = settings.results_dir / series_uid
         outputs: list[_Output] = []
