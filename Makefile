@@ -17,11 +17,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Debian packages the tests use as real peers: dcmtk (storescu, storescp, echoscu)
-# and dicom3tools (dciodvfy).
+# Debian packages the tests use as real peers: dcmtk (storescu, storescp, echoscu),
+# dicom3tools (dciodvfy), Orthanc with its DICOMweb plugin (a PACS with Storage
+# Commitment and STOW-RS; each test starts its own process, never the service)
+# and openssl (certificates for the TLS tests).
+TOOLS := dcmtk dicom3tools orthanc orthanc-dicomweb openssl
 tools:
 	@command -v storescu >/dev/null && command -v storescp >/dev/null && command -v dciodvfy >/dev/null \
-	  || ($(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q dcmtk dicom3tools)
+	  && command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
+	  && command -v openssl >/dev/null \
+	  || ($(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(TOOLS))
 
 demo: $(STAMP)
 	$(VENV)/bin/radnode demo

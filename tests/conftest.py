@@ -8,6 +8,8 @@ the ``CI`` environment variable is set, so CI can never pass by skipping.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,26 @@ def missing(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set, so this is an error, not a skip)")
     pytest.skip(reason)
+
+
+def dcmtk_tool(name: str) -> str | None:
+    """The dcmtk program ``name`` on PATH (``storescp``, ``storescu``...), or None.
+
+    pynetdicom installs apps of the same names into a virtual environment's
+    ``bin``; the first candidate whose ``--version`` names dcmtk wins.
+    """
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = shutil.which(name, path=folder) if folder else None
+        if not candidate:
+            continue
+        try:
+            version = subprocess.run([candidate, "--version"], capture_output=True, text=True,
+                                     timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "dcmtk" in (version.stdout + version.stderr).lower():
+            return candidate
+    return None
 
 
 def _require_dir(path: Path, what: str) -> Path:

@@ -19,11 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import missing
+from tests.conftest import dcmtk_tool, missing
+
+DCMTK_TOOLS = {"storescp", "storescu", "echoscu"}
 
 
 def require_tool(name: str) -> str:
-    path = shutil.which(name)
+    """A program of a Debian package (dcmtk's, not pynetdicom's apps of the same name)."""
+    path = dcmtk_tool(name) if name in DCMTK_TOOLS else shutil.which(name)
     if path is None:
         missing(f"{name} is not installed (apt-get install dcmtk dicom3tools)")
     assert path is not None

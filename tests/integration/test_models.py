@@ -132,8 +132,9 @@ def run(tmp_path_factory: pytest.TempPathFactory, test_data_dir: Path) -> Iterat
             segmentation_spec(bundle, (1, 2), name="tiny-bundle", source="monai_bundle",
                               trusted=True, spacing_mm=[2.0, 2.0, 2.0]),
         ],
-        "pipelines": [{"model": m} for m in
-                      ("tiny-seg", "tiny-cls", "tiny-bundle", "radnode-builtin-mr")],
+        # One rule without conditions: each model's own accepts decide.
+        "rules": [{"name": "all-models", "models": [
+            "tiny-seg", "tiny-cls", "tiny-bundle", "radnode-builtin-mr"]}],
         "completion": {"release_quiet_s": 1.0},
     }
     config_file = tmp / "radnode.yaml"

@@ -6,6 +6,7 @@ every series is analysed and delivered exactly once.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -18,7 +19,14 @@ import pydicom
 import pytest
 
 from service.dicom.phantom import write_ct_phantom
-from tests.integration.conftest import Peer, require_tool, start_node, stop
+from tests.integration.conftest import (
+    Peer,
+    free_port,
+    require_tool,
+    start_node,
+    stop,
+    wait_for_port,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -156,30 +164,30 @@ def test_sigkill_worker_mid_job(tmp_path: Path, ct_series_dir: Path, storescp_pa
     assert "lost its worker" in node.log.read_text()
 
 
-def test_broker_lost_its_messages(tmp_path: Path, storescp_pacs: Peer) -> None:
-    """The embedded broker's queue is wiped while a job waits; the sweeper publishes it again.
+def _queued_message_lost(tmp_path: Path, pacs: Peer, env: dict[str, str],
+                         lose: Callable[[Peer], None]) -> None:
+    """Queue a job, lose its broker message with ``lose(node)``, then start a worker.
 
-    The worker runs as its own ``radnode worker`` process, as on a separate machine.
+    The worker runs as its own ``radnode worker`` process, as on a separate
+    machine; the sweeper must publish the job again, and it must run once.
     """
     phantom = tmp_path / "phantom"
     write_ct_phantom(phantom, slices=24, rows=96, columns=96)
-    env = {"RADNODE_WORKER__REPUBLISH_AFTER_S": "3"}
+    env = {"RADNODE_WORKER__REPUBLISH_AFTER_S": "3", **env}
     node = start_node(tmp_path, "--no-worker", quiet_period=1,
-                      destinations=(storescp_pacs.address,), env=env)
+                      destinations=(pacs.address,), env=env)
     worker: subprocess.Popen[bytes] | None = None
     try:
         assert storescu(node.port, phantom).wait(timeout=120) == 0
         wait_until(lambda: query(node.folder, "select state from jobs") == [("queued",)],
                    60, "the job to be queued", node.log)
-        messages = list((node.folder / "broker" / "messages").glob("*.msg"))
-        assert len(messages) == 1
-        messages[0].unlink()  # the broker restarted without persistence
+        lose(node)
         worker_env = {**os.environ, **env, "RADNODE_DATA_DIR": str(node.folder)}
         with (tmp_path / "worker.log").open("wb") as out:
             worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"],
                                       env=worker_env, stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True)
-        wait_until(lambda: len(pacs_results(storescp_pacs.folder)) == 2, 120,
+        wait_until(lambda: len(pacs_results(pacs.folder)) == 2, 180,
                    "SEG and SR in the PACS", node.log)
         jobs = query(node.folder, "select state, attempts from jobs")
     finally:
@@ -188,6 +196,17 @@ def test_broker_lost_its_messages(tmp_path: Path, storescp_pacs: Peer) -> None:
         stop(node.process)
     assert jobs == [("succeeded", 1)]
     assert "publishing it again" in node.log.read_text()
+
+
+def test_broker_lost_its_messages(tmp_path: Path, storescp_pacs: Peer) -> None:
+    """The embedded broker's queue is wiped while a job waits."""
+
+    def wipe(node: Peer) -> None:
+        messages = list((node.folder / "broker" / "messages").glob("*.msg"))
+        assert len(messages) == 1
+        messages[0].unlink()  # the broker restarted without persistence
+
+    _queued_message_lost(tmp_path, storescp_pacs, {}, wipe)
 
 
 def test_disk_reserve_refuses_with_a700(tmp_path: Path, ct_series_dir: Path) -> None:
@@ -231,3 +250,32 @@ def test_sigterm_drains_associations_in_flight(tmp_path: Path, ct_series_dir: Pa
             sender.kill()
     assert late.returncode != 0  # no new association once draining
     assert spool_is_consistent(node.folder) == 134
+
+
+def _redis_server(port: int, log: Path) -> subprocess.Popen[bytes]:
+    """A private Redis without persistence (as the broker of a real deployment may run)."""
+    exe = shutil.which("redis-server")
+    assert exe is not None, "redis-server is not installed (apt-get install redis-server)"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_port(port, process)
+    return process
+
+
+def test_redis_broker_restarted_without_persistence(tmp_path: Path, storescp_pacs: Peer) -> None:
+    """Redis restarts empty while a job waits; the node reconnects and publishes it again."""
+    port = free_port()
+    servers = [_redis_server(port, tmp_path / "redis.log")]
+
+    def restart(_node: Peer) -> None:
+        stop(servers[-1])  # the message is gone with it
+        servers.append(_redis_server(port, tmp_path / "redis.log"))
+
+    try:
+        _queued_message_lost(tmp_path, storescp_pacs,
+                             {"RADNODE_BROKER__URL": f"redis://127.0.0.1:{port}/0"}, restart)
+    finally:
+        for server in servers:
+            stop(server)
