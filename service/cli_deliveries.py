@@ -86,8 +86,7 @@ def list_deliveries(config_file: Path | None, data_dir: Path | None, state: str 
 def resend(config_file: Path | None, data_dir: Path | None, ids: tuple[int, ...],
            study_uid: str | None, destination: str | None) -> None:
     """Send results again: deliveries IDS, or a whole study's results (--study)."""
-    from service.db import repository
-    from service.db.session import utcnow
+    from service import actions, audit
 
     if not ids and not study_uid:
         raise click.UsageError("give delivery ids or --study UID")
@@ -95,28 +94,18 @@ def resend(config_file: Path | None, data_dir: Path | None, ids: tuple[int, ...]
     if destination is not None and destination not in names:
         raise click.ClickException(f"no destination named {destination!r} is configured "
                                    f"(configured: {', '.join(sorted(names)) or 'none'})")
-    now = utcnow()
+    actor = audit.cli_actor()
     count = 0
     with factory() as session:
-        if ids:
-            rows = repository.find_deliveries(session=session, ids=ids, destination=destination)
-            missing = set(ids) - {d.id for d in rows}
-            if missing:
-                raise click.ClickException(
-                    f"no delivery with id {', '.join(map(str, sorted(missing)))}")
-            for d in rows:
-                repository.schedule_delivery(d.result, d.destination, session=session, now=now)
-                count += 1
-        if study_uid:
-            results = repository.study_results(study_uid, session=session)
-            if not results:
-                raise click.ClickException(f"study {study_uid} has no results")
-            for result in results:
-                targets = ([destination] if destination else
-                           sorted({d.destination for d in result.deliveries}))
-                for name in targets:
-                    repository.schedule_delivery(result, name, session=session, now=now)
-                    count += 1
+        try:
+            if ids:
+                count += len(actions.resend_deliveries(session, ids, actor=actor,
+                                                       destination=destination).ids)
+            if study_uid:
+                count += len(actions.resend_study(session, study_uid, actor=actor,
+                                                  destination=destination).ids)
+        except actions.ActionError as exc:
+            raise click.ClickException(str(exc)) from exc
         session.commit()
     click.echo(f"{count} deliver{'y' if count == 1 else 'ies'} scheduled")
 
@@ -127,15 +116,12 @@ def resend(config_file: Path | None, data_dir: Path | None, ids: tuple[int, ...]
 @click.option("--destination", help="Only deliveries to this destination.")
 def retry(config_file: Path | None, data_dir: Path | None, destination: str | None) -> None:
     """Try every failed delivery again (attempts start from zero)."""
-    from service.db import repository
-    from service.db.session import utcnow
+    from service import actions, audit
 
     factory, _ = _factory(config_file, data_dir)
-    now = utcnow()
     with factory() as session:
-        rows = repository.find_deliveries(session=session, state="failed",
-                                          destination=destination)
-        for d in rows:
-            repository.schedule_delivery(d.result, d.destination, session=session, now=now)
+        outcome = actions.retry_failed_deliveries(session, actor=audit.cli_actor(),
+                                                  destination=destination)
         session.commit()
-    click.echo(f"{len(rows)} failed deliver{'y' if len(rows) == 1 else 'ies'} scheduled again")
+    count = len(outcome.ids)
+    click.echo(f"{count} failed deliver{'y' if count == 1 else 'ies'} scheduled again")

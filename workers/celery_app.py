@@ -34,8 +34,9 @@ def create_worker_app(settings: Settings) -> Celery:
         from workers.models.registry import get_model, warm_models
 
         tasks.PROCESS_INDEX = int(getattr(current_process(), "index", 0) or 0)
-        tasks.session_factory_for(settings)
+        factory = tasks.session_factory_for(settings)
         if not settings.worker.warm_up:
+            tasks.start_status_reports(settings, factory)
             return
         names = [name for name in settings.routed_models()
                  if settings.model(name).queue in settings.worker.queues]
@@ -49,14 +50,18 @@ def create_worker_app(settings: Settings) -> Celery:
                 log.exception("cannot load model %s %s at start-up", spec.name, spec.version)
         log.info("worker process %d ready; models warm: %s", tasks.PROCESS_INDEX,
                  ", ".join(f"{n} {v} on {d}" for n, v, d in warm_models()) or "none")
+        tasks.start_status_reports(settings, factory)
 
     @app.task(name=ANALYSE_SERIES, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
     def analyse_series(job_id: int) -> str:
-        from workers.tasks import run_analysis, session_factory_for
+        from workers.tasks import report_status, run_analysis, session_factory_for
 
-        return run_analysis(job_id, settings=settings,
-                            session_factory=session_factory_for(settings),
-                            hostname=socket.gethostname())
+        factory = session_factory_for(settings)
+        try:
+            return run_analysis(job_id, settings=settings, session_factory=factory,
+                                hostname=socket.gethostname())
+        finally:
+            report_status(settings, factory)  # the models it loaded, its GPU memory now
 
     return app
 

@@ -20,14 +20,15 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import audit
 from service.config import Settings
 from service.db import repository
-from service.db.models import Job, Result
+from service.db.models import Job, Result, WorkerStatus
 from service.db.session import make_engine, make_session_factory, utcnow
 from service.dicom.spool import write_durably
 from workers.inference.base import ClassificationModel, SegmentationModel, Volume
 from workers.inference.volume import load_volumes
-from workers.models.registry import Model, get_model
+from workers.models.registry import Model, get_model, warm_models
 from workers.results.classification_sr import build_classification_sr
 from workers.results.measure import measure_segments
 from workers.results.overlay_sc import build_overlay_sc
@@ -307,9 +308,18 @@ def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmak
         with session_factory() as session:
             failed = session.get(Job, job_id)
             assert failed is not None
+            if failed.state == "cancelled":
+                session.rollback()
+                log.info("job %d was cancelled while it ran (then failed: %s)", job_id,
+                         type(exc).__name__)
+                return "cancelled"
             failed.state = "failed"
             failed.error = reason[:2000]
             failed.finished_at = utcnow()
+            audit.record(session, actor=f"worker:{failed.worker}", action="job.failed",
+                         target_type="job", target_id=job_id,
+                         detail={"model": model_name, "series_instance_uid": series_uid,
+                                 "attempt": failed.attempts, "error": reason[:500]})
             session.commit()
         log.exception("job %d on series %s failed", job_id, series_uid)
         return "failed"
@@ -318,6 +328,12 @@ def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmak
     with session_factory() as session:
         done = session.get(Job, job_id)
         assert done is not None
+        if done.state == "cancelled":  # by an operator while it ran: deliver nothing
+            # The files stay: their deterministic paths may be an earlier job's results.
+            session.rollback()
+            log.info("job %d was cancelled while it ran: %d result object(s) neither recorded "
+                     "nor delivered", job_id, len(outputs))
+            return "cancelled"
         for output in outputs:
             _store_result(session, done, kind=output.kind, dataset=output.dataset,
                           path=output.path, summary=output.summary,
@@ -326,9 +342,74 @@ def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmak
         done.model_version = model.version
         done.timings = timings
         done.finished_at = utcnow()
+        audit.record(session, actor=f"worker:{done.worker}", action="job.succeeded",
+                     target_type="job", target_id=job_id,
+                     detail={"model": model_name, "model_version": model.version,
+                             "series_instance_uid": series_uid, "results": len(outputs),
+                             "destinations": destinations})
         session.commit()
     log.info("job %d succeeded: %d volume(s), %d result object(s); load %.2f s, inference "
              "%.2f s on %s, encode %.2f s", job_id, len(volumes), len(outputs),
              timings["load_s"], timings.get("inference_s", 0.0), device,
              timings.get("encode_s", 0.0))
     return "succeeded"
+
+
+def _gpu_memory_mb(devices: list[str]) -> tuple[float | None, float | None]:
+    """(allocated, total) MiB on the first CUDA device among ``devices``; Nones without one."""
+    cuda = next((d for d in devices if d.startswith("cuda")), None)
+    if cuda is None:
+        return None, None
+    import torch
+
+    index = torch.device(cuda).index or 0
+    allocated = torch.cuda.memory_allocated(index) / 2**20
+    total = torch.cuda.get_device_properties(index).total_memory / 2**20
+    return float(allocated), float(total)
+
+
+def report_status(settings: Settings, session_factory: sessionmaker[Session], *,
+                  name: str | None = None) -> None:
+    """Write what this worker process holds to the ``workers`` table (the models page).
+
+    One row per process, ``name`` ``host:pid``: queues, device, warm models
+    (name, version, device) and, on a CUDA device, allocated and total GPU
+    memory in MiB. Database errors are logged, never raised: status is
+    informative, jobs must not fail for it.
+    """
+    name = name or f"{socket.gethostname()}:{os.getpid()}"
+    warm = warm_models()
+    devices = [device for _, _, device in warm]
+    try:
+        allocated, total = _gpu_memory_mb(devices)
+    except Exception:  # a broken CUDA context must not stop the report
+        allocated = total = None
+    now = utcnow()
+    try:
+        with session_factory() as session:
+            row = session.scalars(select(WorkerStatus).where(WorkerStatus.name == name)).first()
+            if row is None:
+                row = WorkerStatus(name=name, started_at=now)
+                session.add(row)
+            row.queues = sorted(settings.worker.queues)
+            row.device = devices[0] if devices else resolve_device(settings.worker.device)
+            row.models = [{"name": n, "version": v, "device": d} for n, v, d in warm]
+            row.gpu_memory_allocated_mb = allocated
+            row.gpu_memory_total_mb = total
+            row.heartbeat_at = now
+            session.commit()
+    except Exception:
+        log.exception("cannot report the status of worker %s", name)
+
+
+def start_status_reports(settings: Settings, session_factory: sessionmaker[Session],
+                         interval_s: float = 30.0) -> threading.Thread:
+    """Report this process's status now and every ``interval_s`` seconds (daemon thread)."""
+    def loop() -> None:
+        while True:
+            report_status(settings, session_factory)
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=loop, name="worker-status", daemon=True)
+    thread.start()
+    return thread

@@ -10,6 +10,8 @@ Job.state: ``pending`` (row written) → ``queued`` (published to the broker) �
 completed again (late instances) before the job started. A running job whose worker stopped
 renewing ``heartbeat_at`` goes back to ``queued`` (or ``failed`` after the
 last attempt); a queued job not started in time is published again.
+An operator may cancel a ``pending``, ``queued`` or ``running`` job:
+``cancelled`` (a running one stops at its next heartbeat and delivers nothing).
 Delivery.state: ``pending`` → ``sending`` → ``sent`` → ``committed`` (only
 for destinations with Storage Commitment, when the destination confirms), or
 ``failed`` (after the last retry, or a refusal that cannot change). A
@@ -25,6 +27,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -188,3 +191,70 @@ class Delivery(Base):
     committed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     result: Mapped[Result] = relationship(back_populates="deliveries")
+
+
+class Association(Base):
+    """One DICOM association a peer opened to the node's SCP (for the API and audit).
+
+    ``outcome``: ``accepted`` while open, then ``released`` or ``aborted``;
+    ``rejected`` when the node refused it (unknown AE title, no acceptable
+    presentation context, too many associations). ``statuses`` counts the
+    C-STORE response statuses sent, keyed by hexadecimal status (``"0x0000"``).
+    """
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), index=True)
+    called_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    peer_address: Mapped[str] = mapped_column(String(64), default="")
+    outcome: Mapped[str] = mapped_column(String(16), index=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    statuses: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    #: Series Instance UIDs the association stored into (at most 100).
+    series_uids: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+
+class AuditEvent(Base):
+    """One row of the append-only audit trail: who did what, when, to what.
+
+    The database refuses UPDATE and DELETE on this table (triggers installed
+    by migration 0004). ``actor`` is an AE title (``ae:STORESCU``), an
+    operator (``api:pacsadmin``, ``cli:root``, ``anonymous@127.0.0.1``) or a
+    radnode component (``node``, ``worker:host:pid``). ``detail`` never holds
+    patient data, only UIDs, counts, states and reasons.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(120))
+    action: Mapped[str] = mapped_column(String(40), index=True)
+    target_type: Mapped[str] = mapped_column(String(20))
+    target_id: Mapped[str] = mapped_column(String(80), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class WorkerStatus(Base):
+    """What a worker process last reported: its models, device and GPU memory.
+
+    Written by the worker when it is ready and with each job heartbeat; read
+    by the API's models page. ``name`` is ``host:pid``.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    queues: Mapped[list[str]] = mapped_column(JSON, default=list)
+    device: Mapped[str] = mapped_column(String(40), default="cpu")
+    #: ``[{"name": ..., "version": ..., "device": ...}]``
+    models: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    gpu_memory_allocated_mb: Mapped[float | None] = mapped_column(Float)
+    gpu_memory_total_mb: Mapped[float | None] = mapped_column(Float)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

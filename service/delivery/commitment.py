@@ -36,6 +36,7 @@ from pynetdicom import AE, evt
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import audit
 from service.config import Destination
 from service.db.models import Delivery, Result
 from service.db.session import utcnow
@@ -455,11 +456,13 @@ def record_report(report: CommitmentReport, *, session: Session,
             delivery.next_attempt_at = now
             delivery.transaction_uid = None
             delivery.error = f"storage commitment failed: reason {describe_reason(reason)}"
+            audit.record_delivery(session, delivery, "delivery.commit_failed")
             failed += 1
         else:
             delivery.state = "committed"
             delivery.committed_at = now
             delivery.error = None
+            audit.record_delivery(session, delivery, "delivery.committed")
             done += 1
     unknown = len(committed) + len(report.failed) - named
     if unknown > 0:

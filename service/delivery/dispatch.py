@@ -38,6 +38,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import audit
 from service.config import Destination, FolderDestination, Settings, StowDestination
 from service.db import repository
 from service.db.models import Delivery
@@ -223,6 +224,7 @@ def deliver_group(settings: Settings, session_factory: sessionmaker[Session], na
             for delivery in to_send + to_commit:
                 delivery.state = "failed"
                 delivery.error = f"destination {name!r} is no longer configured"
+                audit.record_delivery(session, delivery, "delivery.failed")
             log.error("%d deliveries to %s failed: the destination is no longer configured",
                       len(to_send) + len(to_commit), name)
             session.commit()
@@ -256,6 +258,7 @@ def _send(settings: Settings, session: Session, destination: AnyDestination,
             delivery.state = "sent"
             delivery.sent_at = now
             delivery.error = None
+            audit.record_delivery(session, delivery, "delivery.sent")
             log.info("delivered %s %s to %s (status 0x%04X)", delivery.result.kind, uid,
                      destination.name, outcome.status or 0)
             continue
@@ -264,6 +267,7 @@ def _send(settings: Settings, session: Session, destination: AnyDestination,
             age_h = (now - as_utc(delivery.created_at)).total_seconds() / 3600
             if age_h >= cfg.give_up_after_h:
                 delivery.state = "failed"
+                audit.record_delivery(session, delivery, "delivery.failed")
                 log.error("delivery of %s to %s failed: unreachable for %.0f h (%s)", uid,
                           destination.name, age_h, delivery.error)
                 continue
@@ -274,6 +278,7 @@ def _send(settings: Settings, session: Session, destination: AnyDestination,
         delivery.attempts += 1
         if outcome.permanent or delivery.attempts >= cfg.max_attempts:
             delivery.state = "failed"
+            audit.record_delivery(session, delivery, "delivery.failed")
             log.error("delivery of %s to %s failed%s after %d attempt(s): %s", uid,
                       destination.name, " for good" if outcome.permanent else "",
                       delivery.attempts, delivery.error)
@@ -305,6 +310,7 @@ def _request_commitment(settings: Settings, session: Session, destination: Desti
         delivery.state = "failed"
         delivery.error = (f"no storage commitment report from {destination.name} after "
                           f"{delivery.commit_attempts} request(s)")
+        audit.record_delivery(session, delivery, "delivery.failed")
         log.error("delivery of %s to %s failed: %s", delivery.result.sop_instance_uid,
                   destination.name, delivery.error)
     asking = [d for d in deliveries if d not in gave_up]

@@ -15,7 +15,8 @@ from service.db import migrate
 from service.db.models import Base
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
-RADNODE_TABLES = {"series", "instances", "jobs", "results", "deliveries"}
+RADNODE_TABLES = {"series", "instances", "jobs", "results", "deliveries", "associations",
+                  "audit_events", "workers"}
 
 
 @pytest.fixture
