@@ -33,6 +33,7 @@ from service.dicom import spool
 from service.dicom.inspect import check_complete, dataset_offset
 from service.dicom.uids import printable, require_uid
 from service.errors import InvalidInstanceError
+from service.scp.associations import AssociationRecorder
 
 log = logging.getLogger("radnode.scp")
 
@@ -87,6 +88,8 @@ class StoreContext:
     #: J.3.3); None: the report is recorded in the deliveries table
     #: (:func:`service.delivery.commitment.record_report`).
     on_commitment_report: Callable[[CommitmentReport], None] | None = None
+    #: Counts, records and audits each association (None: not recorded).
+    associations: AssociationRecorder | None = None
 
     def has_room_for(self, size: int) -> bool:
         """True if ``size`` more bytes leave at least the reserve free; logs transitions."""
@@ -128,6 +131,8 @@ def handle_released(event: evt.Event, context: StoreContext) -> None:
     series = context.forget(event)
     log.info("association released: calling AE %s, %d series",
              printable(event.assoc.requestor.ae_title, 16), len(series))
+    if context.associations is not None:
+        context.associations.ended(event, "released")
     if not series:
         return
     try:
@@ -143,6 +148,25 @@ def handle_aborted(event: evt.Event, context: StoreContext) -> None:
     context.forget(event)
     log.warning("association aborted: calling AE %s",
                 printable(event.assoc.requestor.ae_title, 16))
+    if context.associations is not None:
+        context.associations.ended(event, "aborted")
+
+
+def handle_accepted(event: evt.Event, context: StoreContext) -> None:
+    """``EVT_ACCEPTED``: log it and start counting the association."""
+    requestor = event.assoc.requestor
+    log.info("association accepted: calling AE %s from %s:%s",
+             printable(requestor.ae_title, 16), requestor.address, requestor.port)
+    if context.associations is not None:
+        context.associations.accepted(event)
+
+
+def handle_rejected(event: evt.Event, context: StoreContext) -> None:
+    """``EVT_REJECTED``: log and record an association the node refused."""
+    log.warning("association rejected: calling AE %s from %s",
+                printable(event.assoc.requestor.ae_title, 16), event.assoc.requestor.address)
+    if context.associations is not None:
+        context.associations.rejected(event)
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -152,6 +176,27 @@ def handle_echo(event: evt.Event) -> int:
 
 
 def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
+    """Store one instance durably, then answer Success; count the response.
+
+    See :func:`store_instance` for the statuses; each response is reported
+    to ``context.associations`` (counts, bytes, statuses per association).
+    """
+    if context.associations is None:
+        return store_instance(event, context)
+    try:
+        size = Path(event.dataset_path).stat().st_size
+    except (OSError, TypeError, AttributeError):
+        size = 0
+    touched = context.touched.get(id(event.assoc), set()).copy()
+    answer = store_instance(event, context)
+    status = answer if isinstance(answer, int) else int(answer.Status)
+    added = context.touched.get(id(event.assoc), set()) - touched
+    series_uid = next(iter(added), None)
+    context.associations.stored(event, status, size, series_uid)
+    return answer
+
+
+def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
     """Store one instance durably, then answer Success.
 
     Parameters

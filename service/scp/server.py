@@ -38,11 +38,12 @@ from service.delivery.commitment import (
     report_recorder,
 )
 from service.dicom.net import set_tcp_nodelay
-from service.dicom.uids import printable
 from service.scp.handlers import (
     StoreContext,
     handle_aborted,
+    handle_accepted,
     handle_echo,
+    handle_rejected,
     handle_released,
     handle_store,
 )
@@ -81,12 +82,6 @@ STORAGE_TRANSFER_SYNTAXES = [str(ts) for ts in sorted(AllTransferSyntaxes, key=_
 
 #: Storage Commitment reports are small data sets in a little endian syntax.
 COMMITMENT_TRANSFER_SYNTAXES = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
-
-
-def _on_accepted(event: evt.Event) -> None:
-    requestor = event.assoc.requestor
-    log.info("association accepted: calling AE %s from %s:%s",
-             printable(requestor.ae_title, 16), requestor.address, requestor.port)
 
 
 def build_ae(settings: DicomSettings) -> AE:
@@ -147,7 +142,8 @@ def start_scp(settings: DicomSettings, context: StoreContext) -> ThreadedAssocia
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
         (evt.EVT_N_EVENT_REPORT, handle_event_report, [commitment_callback(context)]),
-        (evt.EVT_ACCEPTED, _on_accepted),
+        (evt.EVT_ACCEPTED, handle_accepted, [context]),
+        (evt.EVT_REJECTED, handle_rejected, [context]),
         (evt.EVT_RELEASED, handle_released, [context]),
         (evt.EVT_ABORTED, handle_aborted, [context]),
     ]
