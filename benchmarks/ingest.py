@@ -235,9 +235,9 @@ class Radnode(Receiver):
     def command(self) -> tuple[list[str], dict[str, str]]:
         venv_python = REPO / ".venv" / "bin" / "python"
         python = str(venv_python) if venv_python.exists() else sys.executable
-        return ([python, "-m", "service.cli", "serve", "--no-worker", "--ae-title", self.aet,
-                 "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.folder),
-                 "--quiet-period", "3600"], dict(os.environ))
+        return ([python, "-m", "service.cli", "serve", "--no-worker", "--no-http",
+                 "--ae-title", self.aet, "--host", "127.0.0.1", "--port", str(self.port),
+                 "--data-dir", str(self.folder), "--quiet-period", "3600"], dict(os.environ))
 
     def count(self) -> int:
         db = self.folder / "radnode.db"

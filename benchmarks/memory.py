@@ -75,7 +75,7 @@ def main() -> None:
             files.append(folder / "big.dcm")
         port = free_port()
         node = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--no-worker", "--host",
+            [sys.executable, "-m", "service.cli", "serve", "--no-worker", "--no-http", "--host",
              "127.0.0.1", "--port", str(port), "--data-dir", str(work / "node"),
              "--quiet-period", "3600"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

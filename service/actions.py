@@ -60,12 +60,15 @@ def retry_job(session: Session, job_id: int, *, actor: str) -> Outcome:
     ------
     ActionError
         ``not_found`` for an unknown id; ``conflict`` while the job is still
-        pending, queued or running.
+        pending, queued or running, or when its series was purged from the spool.
     """
     old = _job(session, job_id)
     if old.state not in RETRYABLE:
         raise ActionError("conflict", f"job {job_id} is {old.state}: only a finished job "
                                       f"({', '.join(RETRYABLE)}) can be retried")
+    if old.series.state == "purged":
+        raise ActionError("conflict", f"the series of job {job_id} was purged from the spool "
+                                      "(retention): send it again to analyse it")
     new = repository.add_job(
         session=session, series=old.series, task_name=old.task_name, queue=old.queue,
         model_name=old.model_name, destinations=old.destinations, now=utcnow(),

@@ -1,4 +1,4 @@
-"""``radnode``: the command line (serve, worker, send, echo, db, config, demo)."""
+"""``radnode``: the command line (serve, worker, send, echo, db, config, demo, operations)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from service.cli_deliveries import deliveries
+from service.cli_deliveries import deliveries, resend
+from service.cli_ops import audit, cancel, complete, retry, status
 from service.cli_rules import rules
 from service.config import Destination, Settings, load_settings
 from service.errors import ConfigError
@@ -58,9 +59,14 @@ def main() -> None:
 @click.option("--quiet-period", type=float,
               help="Seconds without a new instance before a series is complete [5].")
 @click.option("--no-worker", is_flag=True, help="Do not start the embedded Celery worker.")
+@click.option("--http-host", help="Address of the HTTP API and dashboard [127.0.0.1].")
+@click.option("--http-port", type=int,
+              help="Port of the HTTP API and dashboard [8104]; 0: any free port.")
+@click.option("--no-http", is_flag=True, help="Serve no HTTP API, dashboard or metrics.")
 def serve(config_file: Path | None, ae_title: str | None, host: str | None, port: int | None,
           data_dir: Path | None, destinations: tuple[Destination, ...],
-          quiet_period: float | None, no_worker: bool) -> None:
+          quiet_period: float | None, no_worker: bool, http_host: str | None,
+          http_port: int | None, no_http: bool) -> None:
     """Run the node: DICOM SCP, completion, routing, job queue, delivery (and a worker).
 
     SIGHUP, or a change to the config file, reloads rules, fallback,
@@ -76,9 +82,12 @@ def serve(config_file: Path | None, ae_title: str | None, host: str | None, port
         completion = base.completion.model_copy(
             update={"quiet_period_s": quiet_period} if quiet_period is not None else {})
         broker = base.broker.model_copy(update={"embedded_worker": False} if no_worker else {})
+        http = base.http.model_copy(update={k: v for k, v in {
+            "host": http_host, "port": http_port,
+            "enabled": False if no_http else None}.items() if v is not None})
         return load_settings(
             config_file, dicom=dicom, completion=completion, broker=broker, data_dir=data_dir,
-            destinations=list(destinations) or None,
+            destinations=list(destinations) or None, http=http,
         )
 
     try:
@@ -263,6 +272,8 @@ def demo(input_dir: Path | None, data_dir: Path, phantom: bool, quiet_period: fl
 
 main.add_command(deliveries)
 main.add_command(rules)
+for _command in (audit, status, retry, cancel, complete, resend):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -259,6 +260,29 @@ class StorageSettings(_Section):
     min_free_mb: int = Field(default=1024, ge=0)
 
 
+class ApiUser(_Section):
+    """An operator allowed to act through the HTTP API (retry, cancel, resend...)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
+    #: Bearer token; give it as an environment variable rather than in the file,
+    #: e.g. ``RADNODE_HTTP__USERS='[{"name": "pacsadmin", "token": "..."}]'``.
+    token: SecretStr = Field(min_length=16)
+
+
+class HttpSettings(_Section):
+    """The HTTP API, dashboard and Prometheus metrics served by ``radnode serve``."""
+
+    enabled: bool = True
+    #: Loopback by default: expose it (``0.0.0.0``) only behind a firewall or
+    #: reverse proxy, and with ``users`` set.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8104, ge=0, le=65535)
+    #: Operators who may act (retry, cancel, force complete, resend, C-ECHO).
+    #: None configured: actions are allowed to anyone who can reach the port
+    #: and are audited as ``anonymous@<address>``; reading is always open.
+    users: list[ApiUser] = Field(default_factory=list)
+
+
 class CompletionSettings(_Section):
     """When a series counts as complete (the first signal that fires wins).
 
@@ -405,6 +429,7 @@ class Settings(BaseSettings):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
 
     @field_validator("destinations", mode="before")
     @classmethod
@@ -602,7 +627,10 @@ def explain_errors(exc: ValidationError, yaml_text: str = "") -> str:
 
 
 def dump_settings(settings: Settings, path: Path) -> None:
-    """Write the effective settings as YAML (used to hand them to a worker process)."""
+    """Write the effective settings as YAML (used to hand them to a worker process).
+
+    API users' tokens are left out: a worker never serves HTTP.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = settings.model_dump(mode="json")
+    data = settings.model_dump(mode="json", exclude={"http": {"users"}})
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

@@ -131,7 +131,7 @@ def run_demo(*, input_dir: Path | None, data_dir: Path, quiet_period_s: float,
     files = find_dicom_files([input_dir])
     console.print(f"input: {input_dir} ({len(files)} files)")
 
-    pacs_port, node_port = free_port(), free_port()
+    pacs_port, node_port, http_port = free_port(), free_port(), free_port()
     pacs_dir = data_dir / "pacs"
     pacs = start_folder_scp("DEMOPACS", "127.0.0.1", pacs_port, pacs_dir)
     node_dir = data_dir / "node"
@@ -139,9 +139,9 @@ def run_demo(*, input_dir: Path | None, data_dir: Path, quiet_period_s: float,
     cmd = [sys.executable, "-m", "service.cli", "serve", "--ae-title", "RADNODE",
            "--host", "127.0.0.1", "--port", str(node_port), "--data-dir", str(node_dir),
            "--destination", f"DEMOPACS@127.0.0.1:{pacs_port}",
-           "--quiet-period", str(quiet_period_s)]
+           "--quiet-period", str(quiet_period_s), "--http-port", str(http_port)]
     console.print(f"PACS DEMOPACS on 127.0.0.1:{pacs_port}; node RADNODE on 127.0.0.1:{node_port}"
-                  f" (log: {log_path})")
+                  f" (log: {log_path}); dashboard http://127.0.0.1:{http_port}/")
     with log_path.open("wb") as log_file:
         node = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)

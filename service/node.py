@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +14,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
+from celery import Celery
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings, dump_settings
 from service.db import migrate, repository
@@ -23,11 +27,16 @@ from service.db.models import Delivery
 from service.db.session import make_engine, make_session_factory, utcnow
 from service.delivery.dispatch import Dispatcher
 from service.errors import ConfigError
-from service.queue import make_celery
+from service.metrics import NodeMetrics
+from service.queue import broker_probe, make_celery
 from service.retention import purge_due
 from service.scheduler import Loop, Router, complete_and_route, publish_pending, sweep_jobs
+from service.scp.associations import AssociationRecorder
 from service.scp.handlers import StoreContext
 from service.scp.server import start_scp
+
+if TYPE_CHECKING:
+    from service.api.server import ApiServer
 
 log = logging.getLogger("radnode.node")
 
@@ -148,6 +157,8 @@ class Node:
         self._worker: EmbeddedWorker | None = None
         self._server: ThreadedAssociationServer | None = None
         self.store_context: StoreContext | None = None
+        self.metrics: NodeMetrics | None = None
+        self.http: ApiServer | None = None
 
     def start(self) -> None:
         """Prepare directories and database, then start SCP, loops and worker.
@@ -200,13 +211,55 @@ class Node:
             self._loops.append(Loop("config", self._check_reload, 1.0))
         for loop in self._loops:
             loop.start()
+        self.metrics = NodeMetrics(lambda: self.settings, factory)
         self.store_context = StoreContext(s.spool_dir.resolve(), factory,
-                                          min_free_bytes=s.storage.min_free_mb << 20)
+                                          min_free_bytes=s.storage.min_free_mb << 20,
+                                          associations=AssociationRecorder(factory,
+                                                                           self.metrics))
         self._server = start_scp(s.dicom, self.store_context)
+        if s.http.enabled:
+            self._start_http(factory, app)
         log.info("radnode ready: AE %s on %s:%d, data in %s, database %s, broker %s",
                  s.dicom.ae_title, s.dicom.host, s.dicom.port, s.data_dir,
                  engine.url.render_as_string(hide_password=True),
                  "embedded" if s.embedded_broker else "external")
+
+    def _start_http(self, factory: sessionmaker[Session], app: Celery) -> None:
+        from service.api.app import ApiContext, create_app
+        from service.api.server import ApiServer
+
+        s = self.settings
+        context = ApiContext(
+            settings=lambda: self.settings, session_factory=factory,
+            probes={"broker": lambda: broker_probe(app, self.settings),
+                    "spool": self._spool_probe, "scp": self._scp_probe},
+            render_metrics=self.metrics.render if self.metrics is not None else None)
+        self.http = ApiServer(create_app(context), s.http.host, s.http.port)
+        self.http.start()
+
+    def _spool_probe(self) -> tuple[bool, str]:
+        """The spool is writable and above its free-space reserve."""
+        spool_dir = self.settings.spool_dir
+        try:
+            with tempfile.NamedTemporaryFile(dir=spool_dir, prefix=".incoming-probe-",
+                                             suffix=".tmp"):
+                pass
+            free = shutil.disk_usage(spool_dir).free
+        except OSError as exc:
+            return False, f"spool not writable: {exc.strerror}"
+        reserve = self.settings.storage.min_free_mb << 20
+        detail = f"{free >> 20} MiB free, reserve {reserve >> 20} MiB"
+        if free < reserve:
+            return False, f"below the free-space reserve: {detail}; refusing instances (0xA700)"
+        return True, detail
+
+    def _scp_probe(self) -> tuple[bool, str]:
+        """The SCP is listening."""
+        server = self._server
+        d = self.settings.dicom
+        if server is None or server.socket is None or server.socket.fileno() < 0:
+            return False, "not listening (stopped or draining)"
+        return True, f"AE {d.ae_title} listening on {d.host}:{d.port}"
 
     def serve_forever(self) -> None:
         """Block until SIGINT or SIGTERM, then stop cleanly."""
@@ -246,6 +299,9 @@ class Node:
                 assoc.abort()
         for loop in self._loops:
             loop.stop()
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
         self._dispatcher.shutdown()
         if self._worker is not None:
             self._worker.stop()

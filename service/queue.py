@@ -188,3 +188,22 @@ def publish(app: Celery, *, task_name: str, queue: str, job_id: int,
         hard, soft = time_limits
         app.send_task(task_name, args=[job_id], queue=queue, time_limit=hard,
                       soft_time_limit=soft)
+
+
+def broker_probe(app: Celery, settings: Settings, timeout_s: float = 2.0) -> tuple[bool, str]:
+    """Readiness of the broker: ``(ok, detail)``; never raises.
+
+    The embedded broker is ready when its message folder is writable; an
+    external one (Redis) when a connection opens within ``timeout_s``.
+    """
+    if settings.embedded_broker:
+        folder = settings.data_dir / "broker" / "messages"
+        if folder.is_dir() and os.access(folder, os.W_OK):
+            return True, "embedded broker folder writable"
+        return False, f"embedded broker folder {folder} is missing or not writable"
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout_s)
+        return True, "reachable"
+    except Exception as exc:  # any failure means not ready; say what it was
+        return False, f"unreachable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

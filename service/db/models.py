@@ -11,7 +11,7 @@ completed again (late instances) before the job started. A running job whose wor
 renewing ``heartbeat_at`` goes back to ``queued`` (or ``failed`` after the
 last attempt); a queued job not started in time is published again.
 An operator may cancel a ``pending``, ``queued`` or ``running`` job:
-``cancelled`` (a running one stops at its next heartbeat and delivers nothing).
+``cancelled`` (a running one finishes its computation, then records and delivers nothing).
 Delivery.state: ``pending`` → ``sending`` → ``sent`` → ``committed`` (only
 for destinations with Storage Commitment, when the destination confirms), or
 ``failed`` (after the last retry, or a refusal that cannot change). A

@@ -68,10 +68,17 @@ class Peer:
     folder: Path
     process: subprocess.Popen[bytes]
     log: Path
+    http_port: int | None = None
 
     @property
     def address(self) -> str:
         return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    @property
+    def api(self) -> str:
+        """Base URL of the node's HTTP API and dashboard."""
+        assert self.http_port is not None, "not a radnode node"
+        return f"http://127.0.0.1:{self.http_port}"
 
 
 @pytest.fixture
@@ -98,11 +105,12 @@ def start_node(tmp_path: Path, *extra: str, quiet_period: float = 2.0,
                destinations: tuple[str, ...] = (), env: dict[str, str] | None = None,
                port: int | None = None) -> Peer:
     port = port or free_port()
+    http_port = free_port()
     data = tmp_path / "node"
     log = tmp_path / "node.log"
     cmd = [sys.executable, "-m", "service.cli", "serve", "--ae-title", "RADNODE",
            "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data),
-           "--quiet-period", str(quiet_period), *extra]
+           "--quiet-period", str(quiet_period), "--http-port", str(http_port), *extra]
     for destination in destinations:
         cmd += ["--destination", destination]
     with log.open("ab") as out:
@@ -113,4 +121,4 @@ def start_node(tmp_path: Path, *extra: str, quiet_period: float = 2.0,
     except Exception:
         stop(process)
         raise RuntimeError(f"radnode serve did not start:\n{log.read_text()}") from None
-    return Peer("RADNODE", port, data, process, log)
+    return Peer("RADNODE", port, data, process, log, http_port)

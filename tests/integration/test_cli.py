@@ -108,8 +108,9 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     db = sqlite3.connect(tmp_path / "radnode.db")
     tables = {name for (name,) in db.execute("select name from sqlite_master where type='table'")}
-    assert {"series", "instances", "jobs", "results", "deliveries", "alembic_version"} <= tables
-    assert db.execute("select version_num from alembic_version").fetchall() == [("0003",)]
+    assert {"series", "instances", "jobs", "results", "deliveries", "associations",
+            "audit_events", "workers", "alembic_version"} <= tables
+    assert db.execute("select version_num from alembic_version").fetchall() == [("0004",)]
 
 
 def test_config_check_names_the_bad_key(tmp_path: Path) -> None:
