@@ -19,13 +19,14 @@ setup: $(STAMP)
 
 # Debian packages the tests use as real peers: dcmtk (storescu, storescp, echoscu),
 # dicom3tools (dciodvfy), Orthanc with its DICOMweb plugin (a PACS with Storage
-# Commitment and STOW-RS; each test starts its own process, never the service)
-# and openssl (certificates for the TLS tests).
-TOOLS := dcmtk dicom3tools orthanc orthanc-dicomweb openssl
+# Commitment and STOW-RS; each test starts its own process, never the service),
+# openssl (certificates for the TLS tests) and chromium (the dashboard's browser test,
+# driven by Playwright; Playwright's own browser download is never used).
+TOOLS := dcmtk dicom3tools orthanc orthanc-dicomweb openssl chromium
 tools:
 	@command -v storescu >/dev/null && command -v storescp >/dev/null && command -v dciodvfy >/dev/null \
 	  && command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
-	  && command -v openssl >/dev/null \
+	  && command -v openssl >/dev/null && command -v chromium >/dev/null \
 	  || ($(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(TOOLS))
 
 demo: $(STAMP)
