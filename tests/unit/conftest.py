@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -77,3 +77,40 @@ def record(factory: sessionmaker[Session], *, series_uid: str, modality: str,
         )
         session.commit()
     return new
+
+
+def spool_series(settings: Settings, factory: sessionmaker[Session], files: list[Path], *,
+                 destinations: Sequence[str] = ("PACS",)) -> int:
+    """Put DICOM ``files`` (one CT series) into the spool and database; return a queued job's id.
+
+    The series is marked complete and has one ``radnode-builtin-ct`` job to
+    ``destinations``, ready for :func:`workers.tasks.run_analysis`.
+    """
+    import pydicom
+
+    from service.queue import ANALYSE_SERIES
+
+    for path in files:
+        ds = pydicom.dcmread(path)
+        relative = f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+        target = settings.spool_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target, enforce_file_format=True)
+        with factory() as session:
+            repository.record_instance(
+                session=session, study_instance_uid=ds.StudyInstanceUID,
+                series_instance_uid=ds.SeriesInstanceUID, sop_instance_uid=ds.SOPInstanceUID,
+                sop_class_uid=ds.SOPClassUID, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                modality="CT", path=relative, size_bytes=target.stat().st_size,
+                calling_ae_title="CT", received_at=T0)
+            session.commit()
+    with factory() as session:
+        series = repository.series_by_uid(str(ds.SeriesInstanceUID), session=session)
+        assert series is not None
+        series.state = "complete"
+        job = repository.add_job(session=session, series=series, task_name=ANALYSE_SERIES,
+                                 queue="gpu", model_name="radnode-builtin-ct",
+                                 destinations=list(destinations), now=T0)
+        job.state = "queued"
+        session.commit()
+        return job.id
