@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from service import actions, audit
 from service.api import schemas
 from service.config import Destination, FolderDestination, Settings, StowDestination
+from service.db import repository
 from service.db.models import (
     Association,
     AuditEvent,
@@ -212,6 +213,14 @@ Since = Annotated[datetime | None, Query(description="From this time (ISO 8601),
 Until = Annotated[datetime | None, Query(description="Before this time (ISO 8601).")]
 
 
+def _equal(query: _Query, *conditions: tuple[Any, Any]) -> _Query:
+    """``query`` narrowed to ``column == value`` for each pair whose value was given."""
+    for column, value in conditions:
+        if value is not None and value != "":
+            query = query.where(column == value)
+    return query
+
+
 def _window(query: _Query, column: Any, since: datetime | None,
             until: datetime | None) -> _Query:
     if since is not None:
@@ -232,12 +241,8 @@ def api_router() -> APIRouter:
         """Studies, newest activity first; filters apply to their series."""
         filtered = select(Series.study_instance_uid, func.max(Series.last_received_at)
                           .label("last")).group_by(Series.study_instance_uid)
-        if state:
-            filtered = filtered.where(Series.state == state)
-        if modality:
-            filtered = filtered.where(Series.modality == modality)
-        if calling_ae:
-            filtered = filtered.where(Series.calling_ae_title == calling_ae)
+        filtered = _equal(filtered, (Series.state, state), (Series.modality, modality),
+                                    (Series.calling_ae_title, calling_ae))
         filtered = _window(filtered, Series.last_received_at, since, until)
         total = session.scalar(select(func.count()).select_from(filtered.subquery())) or 0
         page = session.execute(filtered.order_by(desc("last"), Series.study_instance_uid)
@@ -270,14 +275,9 @@ def api_router() -> APIRouter:
                     offset: Offset = 0) -> Any:
         """Series, newest activity first."""
         query = select(Series).options(selectinload(Series.jobs))
-        if state:
-            query = query.where(Series.state == state)
-        if modality:
-            query = query.where(Series.modality == modality)
-        if calling_ae:
-            query = query.where(Series.calling_ae_title == calling_ae)
-        if study:
-            query = query.where(Series.study_instance_uid == study)
+        query = _equal(query, (Series.state, state), (Series.modality, modality),
+                              (Series.calling_ae_title, calling_ae),
+                              (Series.study_instance_uid, study))
         query = _window(query, Series.last_received_at, since, until)
         rows, total = _page(session, query.order_by(Series.last_received_at.desc(),
                                                     Series.id.desc()), limit, offset)
@@ -311,16 +311,8 @@ def api_router() -> APIRouter:
                   offset: Offset = 0) -> Any:
         """Jobs, newest first; the time window applies to their creation."""
         query = select(Job).join(Series, Job.series_id == Series.id)
-        if state:
-            query = query.where(Job.state == state)
-        if model:
-            query = query.where(Job.model_name == model)
-        if priority:
-            query = query.where(Job.priority == priority)
-        if calling_ae:
-            query = query.where(Series.calling_ae_title == calling_ae)
-        if modality:
-            query = query.where(Series.modality == modality)
+        query = _equal(query, (Job.state, state), (Job.model_name, model), (Job.priority, priority),
+                              (Series.calling_ae_title, calling_ae), (Series.modality, modality))
         query = _window(query, Job.created_at, since, until)
         rows, total = _page(session, query.order_by(Job.id.desc()), limit, offset)
         return schemas.Page[schemas.JobOut](items=[_job_out(j) for j in rows], total=total,
@@ -350,10 +342,7 @@ def api_router() -> APIRouter:
                      offset: Offset = 0) -> Any:
         """Result objects (SEG, SR, SC) with their deliveries, newest first."""
         query = select(Result).options(selectinload(Result.deliveries))
-        if job_id is not None:
-            query = query.where(Result.job_id == job_id)
-        if kind:
-            query = query.where(Result.kind == kind)
+        query = _equal(query, (Result.job_id, job_id), (Result.kind, kind))
         query = _window(query, Result.created_at, since, until)
         rows, total = _page(session, query.order_by(Result.id.desc()), limit, offset)
         return schemas.Page[schemas.ResultOut](
@@ -378,14 +367,8 @@ def api_router() -> APIRouter:
                         study: str | None = None, since: Since = None, until: Until = None,
                         limit: Limit = 50, offset: Offset = 0) -> Any:
         """Deliveries, newest first; the time window applies to their creation."""
-        query = (select(Delivery).join(Result, Delivery.result_id == Result.id)
-                 .join(Job, Result.job_id == Job.id).join(Series, Job.series_id == Series.id))
-        if state:
-            query = query.where(Delivery.state == state)
-        if destination:
-            query = query.where(Delivery.destination == destination)
-        if study:
-            query = query.where(Series.study_instance_uid == study)
+        query = repository.delivery_query(state=state, destination=destination,
+                                          study_instance_uid=study)
         query = _window(query, Delivery.created_at, since, until)
         rows, total = _page(session, query.order_by(Delivery.id.desc()), limit, offset)
         items = [schemas.DeliveryRow(
@@ -415,10 +398,8 @@ def api_router() -> APIRouter:
                           until: Until = None, limit: Limit = 50, offset: Offset = 0) -> Any:
         """Associations peers opened to the SCP (recorded when they end), newest first."""
         query = select(Association)
-        if calling_ae:
-            query = query.where(Association.calling_ae_title == calling_ae)
-        if outcome:
-            query = query.where(Association.outcome == outcome)
+        query = _equal(query, (Association.calling_ae_title, calling_ae),
+                              (Association.outcome, outcome))
         query = _window(query, Association.started_at, since, until)
         rows, total = _page(session, query.order_by(Association.id.desc()), limit, offset)
         return schemas.Page[schemas.AssociationOut](
@@ -432,10 +413,7 @@ def api_router() -> APIRouter:
                    offset: Offset = 0) -> Any:
         """The audit trail, newest first."""
         query = select(AuditEvent)
-        if action:
-            query = query.where(AuditEvent.action == action)
-        if actor_name:
-            query = query.where(AuditEvent.actor == actor_name)
+        query = _equal(query, (AuditEvent.action, action), (AuditEvent.actor, actor_name))
         query = _window(query, AuditEvent.at, since, until)
         rows, total = _page(session, query.order_by(AuditEvent.id.desc()), limit, offset)
         return schemas.Page[schemas.AuditOut](

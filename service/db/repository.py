@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, case, func, select, update
+from sqlalchemy import Select, Table, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -379,10 +379,10 @@ def recent_jobs(*, session: Session, limit: int = 20) -> list[Job]:
     return list(session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)))
 
 
-def find_deliveries(*, session: Session, ids: Sequence[int] = (), state: str | None = None,
-                    destination: str | None = None, study_instance_uid: str | None = None,
-                    limit: int | None = None) -> list[Delivery]:
-    """Deliveries matching every filter given, newest first."""
+def delivery_query(*, ids: Sequence[int] = (), state: str | None = None,
+                   destination: str | None = None,
+                   study_instance_uid: str | None = None) -> Select[Delivery]:
+    """The deliveries matching every filter given (joined to result, job and series), unordered."""
     query = (select(Delivery).join(Result, Delivery.result_id == Result.id)
              .join(Job, Result.job_id == Job.id).join(Series, Job.series_id == Series.id))
     if ids:
@@ -393,7 +393,15 @@ def find_deliveries(*, session: Session, ids: Sequence[int] = (), state: str | N
         query = query.where(Delivery.destination == destination)
     if study_instance_uid:
         query = query.where(Series.study_instance_uid == study_instance_uid)
-    query = query.order_by(Delivery.id.desc())
+    return query
+
+
+def find_deliveries(*, session: Session, ids: Sequence[int] = (), state: str | None = None,
+                    destination: str | None = None, study_instance_uid: str | None = None,
+                    limit: int | None = None) -> list[Delivery]:
+    """Deliveries matching every filter given, newest first."""
+    query = delivery_query(ids=ids, state=state, destination=destination,
+                           study_instance_uid=study_instance_uid).order_by(Delivery.id.desc())
     if limit:
         query = query.limit(limit)
     return list(session.scalars(query))
