@@ -12,7 +12,7 @@ import logging
 import os
 import uuid
 from queue import Empty
-from time import monotonic
+from time import monotonic_ns
 from typing import Any
 
 from celery import Celery
@@ -39,6 +39,8 @@ class SpoolChannel(filesystem.Channel):  # type: ignore[misc]
     read an empty or partial file and crash the worker on the JSON error; the
     message is then lost until the sweeper publishes the job again. Here:
 
+    * messages are named by the publish time in nanoseconds, so consumers take
+      them in publish order (the scheduler publishes STAT jobs first);
     * a message is written under a temporary name (which no queue matches),
       flushed to disk with ``fsync``, and renamed into place, so a consumer
       only ever sees whole messages;
@@ -51,7 +53,9 @@ class SpoolChannel(filesystem.Channel):  # type: ignore[misc]
     """
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        # Consumers take messages in name order: nanoseconds, zero-padded, keep
+        # publish order (kombu's milliseconds tie, and the UUID then decides).
+        name = f"{monotonic_ns():020d}_{uuid.uuid4()}.{queue}.msg"
         folder = self.data_folder_out
         temporary = os.path.join(folder, f".writing-{uuid.uuid4()}")
         try:

@@ -68,14 +68,15 @@ def test_a_damaged_message_is_quarantined_and_the_next_one_delivered(
     folder = _messages(settings)
     for name in os.listdir(folder):
         os.unlink(folder / name)
-    # An empty and a truncated message, sorted before a good one.
-    (folder / "0000_empty.gpu.msg").write_bytes(b"")
-    (folder / "0001_torn.gpu.msg").write_bytes(b'{"body": "eyJh')
+    # An empty and a truncated message, named to sort before a good one.
+    (folder / "00000000000000000000_empty.gpu.msg").write_bytes(b"")
+    (folder / "00000000000000000001_torn.gpu.msg").write_bytes(b'{"body": "eyJh')
     publish(app, task_name=ANALYSE_SERIES, queue="gpu", job_id=42)
     with caplog.at_level(logging.ERROR, logger="radnode.queue"):
         assert _consume(settings, "gpu", 1) == [42]
     corrupt = settings.data_dir / "broker" / "corrupt"
-    assert sorted(os.listdir(corrupt)) == ["0000_empty.gpu.msg", "0001_torn.gpu.msg"]
+    assert sorted(os.listdir(corrupt)) == ["00000000000000000000_empty.gpu.msg",
+                                           "00000000000000000001_torn.gpu.msg"]
     assert sum("is damaged" in record.getMessage() for record in caplog.records) == 2
     assert os.listdir(folder) == []
 
