@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
+from service.cli_deid import deid
 from service.cli_deliveries import deliveries, resend
 from service.cli_ops import audit, cancel, complete, retry, status
 from service.cli_rules import rules
-from service.config import Destination, Settings, load_settings
+from service.cli_users import tokens, users
+from service.config import Destination, DicomSettings, Settings, load_settings
 from service.errors import ConfigError
 from service.logging import configure
 
@@ -52,6 +55,8 @@ def main() -> None:
 @click.option("--ae-title", help="The node's AE title [RADNODE].")
 @click.option("--host", help="Address to listen on [0.0.0.0].")
 @click.option("--port", type=int, help="DICOM port [11112].")
+@click.option("--tls-port", type=int,
+              help="DICOM TLS port (needs dicom.tls in the config file) [2762].")
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Spool, results, database and embedded broker [./radnode-data].")
 @click.option("--destination", "destinations", multiple=True, callback=_destination,
@@ -64,7 +69,7 @@ def main() -> None:
               help="Port of the HTTP API and dashboard [8104]; 0: any free port.")
 @click.option("--no-http", is_flag=True, help="Serve no HTTP API, dashboard or metrics.")
 def serve(config_file: Path | None, ae_title: str | None, host: str | None, port: int | None,
-          data_dir: Path | None, destinations: tuple[Destination, ...],
+          tls_port: int | None, data_dir: Path | None, destinations: tuple[Destination, ...],
           quiet_period: float | None, no_worker: bool, http_host: str | None,
           http_port: int | None, no_http: bool) -> None:
     """Run the node: DICOM SCP, completion, routing, job queue, delivery (and a worker).
@@ -79,6 +84,15 @@ def serve(config_file: Path | None, ae_title: str | None, host: str | None, port
         base = load_settings(config_file)
         dicom = base.dicom.model_copy(update={k: v for k, v in {
             "ae_title": ae_title, "host": host, "port": port}.items() if v is not None})
+        if tls_port is not None:
+            if dicom.tls is None:
+                raise ConfigError("--tls-port needs dicom.tls (cert_file, key_file) in the "
+                                  "configuration")
+            dicom.tls = dicom.tls.model_copy(update={"port": tls_port})
+        try:  # the flags against the rest of the section (aes, tls)
+            dicom = DicomSettings.model_validate(dicom.model_dump())
+        except ValidationError as exc:
+            raise ConfigError("; ".join(e["msg"] for e in exc.errors())) from exc
         completion = base.completion.model_copy(
             update={"quiet_period_s": quiet_period} if quiet_period is not None else {})
         broker = base.broker.model_copy(update={"embedded_worker": False} if no_worker else {})
@@ -96,9 +110,10 @@ def serve(config_file: Path | None, ae_title: str | None, host: str | None, port
         raise click.ClickException(str(exc)) from exc
     configure(settings.log_level)
     node = Node(settings, reload=build, config_file=config_file)
+    node.handle_signals()  # a SIGTERM during start-up drains as well
     try:
         node.start()
-    except OSError as exc:
+    except (OSError, ConfigError) as exc:
         node.stop()
         raise click.ClickException(f"cannot start: {exc}") from exc
     node.serve_forever()
@@ -231,6 +246,13 @@ def config_check(config_file: Path | None) -> None:
     from service.model_spec import describe
 
     settings = _settings(config_file)
+    if settings.dicom.tls is not None:  # the files must be there and usable, not only named
+        from service.dicom.tls import server_context
+
+        try:
+            server_context(settings.dicom.tls)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
     click.echo(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
     for spec in settings.models:
         info = describe(spec)
@@ -272,6 +294,9 @@ def demo(input_dir: Path | None, data_dir: Path, phantom: bool, quiet_period: fl
 
 main.add_command(deliveries)
 main.add_command(rules)
+main.add_command(deid)
+main.add_command(users)
+main.add_command(tokens)
 for _command in (audit, status, retry, cancel, complete, resend):
     main.add_command(_command)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,7 +21,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -80,6 +80,39 @@ class TlsSettings(_Section):
     check_hostname: bool = True
 
 
+class DeidOptions(_Section):
+    """De-identification of what a destination receives (DICOM PS3.15 E.1, Basic Profile).
+
+    ``deidentify: true`` on a destination means these defaults; give a mapping
+    to change them. See docs/deidentification.md.
+
+    Attributes
+    ----------
+    retain_longitudinal : str
+        Retain Longitudinal Temporal Information option (PS3.15 E.3.6):
+        ``off`` (dates and times are emptied or replaced as the Basic Profile
+        says), ``full`` (Full Dates Option: kept as they are) or ``modified``
+        (Modified Dates Option: every date shifted by a random number of days
+        that is the same for all data of one patient).
+    clean_descriptors : bool
+        Clean Descriptors option (PS3.15 E.3.5): keep Study/Series
+        Description, Protocol Name, comments and other descriptors, with any
+        of the data set's own identifying values removed from them, instead
+        of removing them.
+    patient_id_prefix : str
+        Start of the pseudonym that replaces Patient ID and Patient's Name.
+    scope : str
+        Name of the pseudonym mapping to use; empty means the destination's
+        name. Destinations with the same scope see the same pseudonyms.
+    """
+
+    retain_longitudinal: Literal["off", "full", "modified"] = "off"
+    clean_descriptors: bool = False
+    patient_id_prefix: str = Field(default="ANON-", max_length=24,
+                                   pattern=r"^[A-Za-z0-9._-]*$")
+    scope: str = Field(default="", max_length=64)
+
+
 class Destination(_Section):
     """A DICOM C-STORE peer that receives results (usually the PACS).
 
@@ -108,6 +141,9 @@ class Destination(_Section):
         Also send a Secondary Capture series with the segment contours burned
         in over the source slices, for viewers that cannot show SEG. Labelled
         as derived and not for primary diagnosis.
+    deidentify : bool or DeidOptions
+        De-identify every object before it is sent here (DICOM PS3.15 E.1);
+        ``true`` for the default :class:`DeidOptions`.
     """
 
     kind: Literal["dicom"] = "dicom"
@@ -119,6 +155,7 @@ class Destination(_Section):
     storage_commitment: bool = False
     sender_ae_titles: list[str] = Field(default_factory=list)
     secondary_capture: bool = False
+    deidentify: bool | DeidOptions = False
 
     @field_validator("ae_title")
     @classmethod
@@ -191,6 +228,8 @@ class StowDestination(_Section):
         Longest wait for the server's answer, seconds.
     secondary_capture : bool
         As for :class:`Destination`.
+    deidentify : bool or DeidOptions
+        As for :class:`Destination`.
     """
 
     kind: Literal["stow"]
@@ -202,6 +241,7 @@ class StowDestination(_Section):
     ca_file: Path | None = None
     timeout_s: float = Field(default=60.0, gt=0)
     secondary_capture: bool = False
+    deidentify: bool | DeidOptions = False
 
     def __str__(self) -> str:
         return f"STOW-RS {self.url}"
@@ -219,6 +259,8 @@ class FolderDestination(_Section):
     name: str = Field(min_length=1, max_length=64)
     path: Path
     secondary_capture: bool = False
+    #: De-identify every object before it is written (as for :class:`Destination`).
+    deidentify: bool | DeidOptions = False
 
     def __str__(self) -> str:
         return f"folder {self.path}"
@@ -230,13 +272,112 @@ AnyDestination = Annotated[
 ]
 
 
+class ScpTlsSettings(_Section):
+    """The SCP's TLS listener (DICOM PS3.15 B.9, BCP 195 TLS Secure Transport).
+
+    It runs beside the plain listener (``dicom.port``), on the same host
+    address, with the same AE titles, policy and handlers. TLS 1.2 is the
+    oldest version accepted.
+
+    Attributes
+    ----------
+    port : int
+        TCP port; 2762 is the port IANA registered for DICOM over TLS.
+    cert_file, key_file : pathlib.Path
+        The node's certificate (PEM, may carry the intermediate CAs after it)
+        and its private key (PEM, unencrypted).
+    ca_file : pathlib.Path or None
+        PEM bundle of the CAs whose client certificates are accepted. Without
+        it, client certificates are not asked for.
+    require_client_cert : bool
+        Refuse a peer that presents no certificate signed by ``ca_file``
+        (mutual TLS). With ``ca_file`` and ``false``, a peer may present no
+        certificate, but one it presents must verify.
+    """
+
+    port: int = Field(default=2762, ge=1, le=65535)
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _client_ca(self) -> ScpTlsSettings:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("dicom.tls.require_client_cert needs dicom.tls.ca_file, the CAs "
+                             "that sign the client certificates")
+        return self
+
+
+class AePolicy(_Section):
+    """One AE title the node answers to, and who may call it.
+
+    Attributes
+    ----------
+    ae_title : str
+        A Called AE Title the node accepts (routing rules can tell them apart
+        with ``association: called_ae``).
+    calling_ae_titles : list[str]
+        Calling AE Titles allowed to call it; empty: any.
+    peer_addresses : list[str]
+        IP addresses or networks (CIDR, IPv4 or IPv6) allowed to call it;
+        empty: any.
+    """
+
+    ae_title: str
+    calling_ae_titles: list[str] = Field(default_factory=list)
+    peer_addresses: list[str] = Field(default_factory=list)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+    @field_validator("calling_ae_titles")
+    @classmethod
+    def _check_callers(cls, value: list[str]) -> list[str]:
+        return [validate_ae_title(v) for v in value]
+
+    @field_validator("peer_addresses")
+    @classmethod
+    def _check_addresses(cls, value: list[str]) -> list[str]:
+        checked = []
+        for text in value:
+            try:
+                checked.append(str(ipaddress.ip_network(text.strip())))
+            except ValueError:
+                try:
+                    loose = ipaddress.ip_network(text.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(
+                        f"{text!r} is not an IP address or network (CIDR)") from None
+                raise ValueError(f"{text!r} has host bits set: did you mean {loose}?") from None
+        return checked
+
+
 class DicomSettings(_Section):
-    """The node's DICOM SCP (C-ECHO, C-STORE)."""
+    """The node's DICOM SCP (C-ECHO, C-STORE), its listeners and association policy.
+
+    With ``aes`` empty any peer may associate with any Called AE Title (the
+    node logs a warning at start). AE titles compare without their leading and
+    trailing spaces (DICOM PS3.5 6.2) and, unless ``ae_title_case_sensitive``,
+    without regard to case, as routing rules compare them.
+    """
 
     ae_title: str = "RADNODE"
     host: str = "0.0.0.0"
-    port: int = Field(default=11112, ge=1, le=65535)
+    #: The plain (unencrypted) listener; null: none (only ``tls``).
+    port: int | None = Field(default=11112, ge=1, le=65535)
+    #: A TLS listener beside the plain one.
+    tls: ScpTlsSettings | None = None
+    #: The AE titles the node answers to and who may call each; empty: open.
+    aes: list[AePolicy] = Field(default_factory=list)
+    ae_title_case_sensitive: bool = False
     max_associations: int = Field(default=16, ge=1)
+    #: Associations one peer (IP address) may hold at once; null: no cap
+    #: other than ``max_associations``. Connections of that peer that have not
+    #: yet sent an association request are capped at the same number.
+    max_associations_per_peer: int | None = Field(default=None, ge=1)
     #: Largest PDU the node accepts, bytes; 0 means no limit (DICOM PS3.8 9.3.1).
     max_pdu_size: int = Field(default=262144, ge=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)
@@ -251,6 +392,29 @@ class DicomSettings(_Section):
     def _check_ae(cls, value: str) -> str:
         return validate_ae_title(value)
 
+    @model_validator(mode="after")
+    def _check_listeners(self) -> DicomSettings:
+        if self.port is None and self.tls is None:
+            raise ValueError("dicom.port is null and dicom.tls is not set: the node would not "
+                             "listen at all")
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError(f"dicom.tls.port and dicom.port are both {self.port}")
+        if self.aes:
+            titles = [self.ae_key(a.ae_title) for a in self.aes]
+            duplicates = sorted({t for t in titles if titles.count(t) > 1})
+            if duplicates:
+                raise ValueError(f"dicom.aes lists {', '.join(duplicates)} more than once")
+            if self.ae_key(self.ae_title) not in titles:
+                raise ValueError(f"dicom.ae_title {self.ae_title} is not in dicom.aes: list it "
+                                 "(with the peers allowed to call it), or the node would "
+                                 "refuse associations to its own AE title")
+        return self
+
+    def ae_key(self, ae_title: str) -> str:
+        """``ae_title`` as the node compares it: stripped, casefolded unless case-sensitive."""
+        stripped = ae_title.strip()
+        return stripped if self.ae_title_case_sensitive else stripped.casefold()
+
 
 class StorageSettings(_Section):
     """The spool's disk."""
@@ -260,27 +424,69 @@ class StorageSettings(_Section):
     min_free_mb: int = Field(default=1024, ge=0)
 
 
-class ApiUser(_Section):
-    """An operator allowed to act through the HTTP API (retry, cancel, resend...)."""
+class HttpTlsSettings(_Section):
+    """HTTPS served by radnode itself (uvicorn); both files or neither.
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
-    #: Bearer token; give it as an environment variable rather than in the file,
-    #: e.g. ``RADNODE_HTTP__USERS='[{"name": "pacsadmin", "token": "..."}]'``.
-    token: SecretStr = Field(min_length=16)
+    Attributes
+    ----------
+    cert_file : pathlib.Path or None
+        PEM certificate chain of the server.
+    key_file : pathlib.Path or None
+        PEM private key of that certificate.
+    """
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> HttpTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("http.tls needs both cert_file and key_file, or neither")
+        for path in (self.cert_file, self.key_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"http.tls: {path} is not a file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether HTTPS is configured."""
+        return self.cert_file is not None
 
 
 class HttpSettings(_Section):
-    """The HTTP API, dashboard and Prometheus metrics served by ``radnode serve``."""
+    """The HTTP API, dashboard and Prometheus metrics served by ``radnode serve``.
+
+    Every route but ``/healthz`` needs an API token or a dashboard login
+    (users and tokens live in the database: ``radnode users``, ``radnode
+    tokens``; docs/http-security.md).
+    """
 
     enabled: bool = True
-    #: Loopback by default: expose it (``0.0.0.0``) only behind a firewall or
-    #: reverse proxy, and with ``users`` set.
+    #: Loopback by default: expose it (``0.0.0.0``) only with ``tls`` set or
+    #: behind a TLS reverse proxy.
     host: str = "127.0.0.1"
     port: int = Field(default=8104, ge=0, le=65535)
-    #: Operators who may act (retry, cancel, force complete, resend, C-ECHO).
-    #: None configured: actions are allowed to anyone who can reach the port
-    #: and are audited as ``anonymous@<address>``; reading is always open.
-    users: list[ApiUser] = Field(default_factory=list)
+    #: ``/metrics`` needs a valid API token (any role); false: open to anyone
+    #: who reaches the port.
+    metrics_auth: bool = True
+    #: A dashboard session ends after this long without a request, minutes.
+    session_idle_minutes: float = Field(default=30.0, gt=0)
+    #: ... and at the latest this long after the login, hours.
+    session_max_hours: float = Field(default=12.0, gt=0)
+    #: Addresses of reverse proxies whose X-Forwarded-For/-Proto headers are
+    #: believed (client address in the audit trail, https for Secure cookies).
+    trusted_proxies: list[str] = Field(default_factory=list)
+    tls: HttpTlsSettings = Field(default_factory=HttpTlsSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_config_users(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "users" in data:
+            raise ValueError("http.users is no longer supported: users and their API tokens "
+                             "live in the database; create them with `radnode users add NAME "
+                             "--role admin` and `radnode tokens create NAME` "
+                             "(docs/http-security.md)")
+        return data
 
 
 class CompletionSettings(_Section):
@@ -629,8 +835,9 @@ def explain_errors(exc: ValidationError, yaml_text: str = "") -> str:
 def dump_settings(settings: Settings, path: Path) -> None:
     """Write the effective settings as YAML (used to hand them to a worker process).
 
-    API users' tokens are left out: a worker never serves HTTP.
+    No secret of the HTTP API is in the settings (users and tokens live in
+    the database, hashed).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = settings.model_dump(mode="json", exclude={"http": {"users"}})
+    data = settings.model_dump(mode="json")
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

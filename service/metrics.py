@@ -70,6 +70,12 @@ DELIVERY_STATES = ("pending", "sending", "sent", "committed", "failed")
 PRIORITIES = ("stat", "routine")
 #: Outcomes :meth:`NodeMetrics.association` accepts.
 ASSOCIATION_OUTCOMES = ("accepted", "rejected", "released", "aborted")
+#: Reasons :meth:`NodeMetrics.rejected` labels (as :mod:`service.scp.policy`).
+REJECTION_REASONS = (
+    "called-ae-title-not-recognized", "calling-ae-title-not-recognized",
+    "peer-address-not-allowed", "peer-association-limit", "association-limit",
+    "peer-connection-limit", "tls-handshake-failed", "policy-error", "other",
+)
 #: The hops of ``radnode_hop_seconds``, in pipeline order, then end to end.
 HOPS = (
     "received_to_complete",
@@ -456,6 +462,14 @@ class NodeMetrics:
             "radnode_associations", "Associations peers opened to the SCP, by outcome.",
             ["calling_ae", "outcome"], registry=self.registry,
         )
+        self._rejected = Counter(
+            "radnode_associations_rejected",
+            "Association requests and connections the SCP refused, by reason "
+            "(service.scp.policy.REJECTION_REASONS).",
+            ["reason"], registry=self.registry,
+        )
+        for reason in REJECTION_REASONS:  # every reason reported, 0 until it happens
+            self._rejected.labels(reason)
         self._instances = Counter(
             "radnode_instances_received",
             "Instances stored (C-STORE answered with status 0x0000).",
@@ -492,6 +506,18 @@ class NodeMetrics:
             raise ValueError(f"outcome must be one of {', '.join(ASSOCIATION_OUTCOMES)}, "
                              f"not {outcome!r}")
         self._associations.labels(self.ae_label(calling_ae), outcome).inc()
+
+    def rejected(self, reason: str) -> None:
+        """Count an association request or a connection the SCP refused.
+
+        Parameters
+        ----------
+        reason : str
+            One of :data:`REJECTION_REASONS` (``called-ae-title-not-recognized``,
+            ``peer-address-not-allowed``, ``tls-handshake-failed``...); another
+            value is counted as ``other``, so the label set stays bounded.
+        """
+        self._rejected.labels(reason if reason in REJECTION_REASONS else "other").inc()
 
     def stored(self, calling_ae: str, status: int, size_bytes: int) -> None:
         """Count one C-STORE response.

@@ -17,7 +17,6 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from celery import Celery
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,7 +32,7 @@ from service.retention import purge_due
 from service.scheduler import Loop, Router, complete_and_route, publish_pending, sweep_jobs
 from service.scp.associations import AssociationRecorder
 from service.scp.handlers import StoreContext
-from service.scp.server import start_scp
+from service.scp.server import Scp, start_scp
 
 if TYPE_CHECKING:
     from service.api.server import ApiServer
@@ -155,7 +154,7 @@ class Node:
         self._stop = threading.Event()
         self._loops: list[Loop] = []
         self._worker: EmbeddedWorker | None = None
-        self._server: ThreadedAssociationServer | None = None
+        self._server: Scp | None = None
         self.store_context: StoreContext | None = None
         self.metrics: NodeMetrics | None = None
         self.http: ApiServer | None = None
@@ -166,7 +165,9 @@ class Node:
         Raises
         ------
         OSError
-            If the DICOM port cannot be bound or the data directory is not writable.
+            If a DICOM port cannot be bound or the data directory is not writable.
+        ConfigError
+            If the SCP's TLS certificate, key or CA file cannot be used.
         """
         s = self.settings
         for folder in (s.data_dir, s.spool_dir, s.results_dir):
@@ -219,14 +220,17 @@ class Node:
         self._server = start_scp(s.dicom, self.store_context)
         if s.http.enabled:
             self._start_http(factory, app)
-        log.info("radnode ready: AE %s on %s:%d, data in %s, database %s, broker %s",
-                 s.dicom.ae_title, s.dicom.host, s.dicom.port, s.data_dir,
+        log.info("radnode ready: AE %s on %s, data in %s, database %s, broker %s",
+                 s.dicom.ae_title, self._server.describe(), s.data_dir,
                  engine.url.render_as_string(hide_password=True),
                  "embedded" if s.embedded_broker else "external")
 
     def _start_http(self, factory: sessionmaker[Session], app: Celery) -> None:
+        from sqlalchemy import func, select
+
         from service.api.app import ApiContext, create_app
         from service.api.server import ApiServer
+        from service.db.models import User
 
         s = self.settings
         context = ApiContext(
@@ -234,8 +238,19 @@ class Node:
             probes={"broker": lambda: broker_probe(app, self.settings),
                     "spool": self._spool_probe, "scp": self._scp_probe},
             render_metrics=self.metrics.render if self.metrics is not None else None)
-        self.http = ApiServer(create_app(context), s.http.host, s.http.port)
+        self.http = ApiServer(create_app(context), s.http.host, s.http.port,
+                              cert_file=s.http.tls.cert_file, key_file=s.http.tls.key_file,
+                              trusted_proxies=s.http.trusted_proxies)
         self.http.start()
+        with factory() as session:
+            users = session.scalar(select(func.count()).select_from(User)
+                                   .where(User.disabled_at.is_(None)))
+        if not users:
+            log.warning("the HTTP API and dashboard have no user yet: add one with "
+                        "`radnode users add NAME --role admin` (docs/http-security.md)")
+        if not s.http.tls.enabled and s.http.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("the HTTP API listens on %s without TLS: set http.tls or put it "
+                        "behind a TLS reverse proxy (docs/http-security.md)", s.http.host)
 
     def _spool_probe(self) -> tuple[bool, str]:
         """The spool is writable and above its free-space reserve."""
@@ -254,15 +269,20 @@ class Node:
         return True, detail
 
     def _scp_probe(self) -> tuple[bool, str]:
-        """The SCP is listening."""
+        """The SCP is listening, on every listener (plain and TLS)."""
         server = self._server
         d = self.settings.dicom
-        if server is None or server.socket is None or server.socket.fileno() < 0:
+        if server is None or not server.is_listening:
             return False, "not listening (stopped or draining)"
-        return True, f"AE {d.ae_title} listening on {d.host}:{d.port}"
+        return True, f"AE {d.ae_title} listening on {server.describe()}"
 
-    def serve_forever(self) -> None:
-        """Block until SIGINT or SIGTERM, then stop cleanly."""
+    def handle_signals(self) -> None:
+        """SIGTERM/SIGINT stop the node cleanly, SIGHUP reloads; from the main thread only.
+
+        Called before :meth:`start`, so that a SIGTERM that arrives while the
+        node starts (an SCP already receiving, HTTP not up yet) drains too
+        instead of killing the process mid-transfer.
+        """
 
         def _handle(signum: int, _frame: FrameType | None) -> None:
             log.info("signal %d: stopping", signum)
@@ -274,6 +294,10 @@ class Node:
         signal.signal(signal.SIGTERM, _handle)
         signal.signal(signal.SIGINT, _handle)
         signal.signal(signal.SIGHUP, _hangup)
+
+    def serve_forever(self) -> None:
+        """Block until SIGINT or SIGTERM, then stop cleanly."""
+        self.handle_signals()
         self._stop.wait()
         self.stop()
 
@@ -286,7 +310,7 @@ class Node:
         server = self._server
         if server is not None:
             self._server = None
-            server.shutdown()  # stops accepting and closes the listening socket
+            server.shutdown()  # stops accepting and closes the listening sockets
             deadline = time.monotonic() + self.settings.dicom.drain_timeout_s
             # Connections that never completed association negotiation do not hold
             # the drain (a port probe, a peer that sends nothing): they are aborted.
@@ -294,8 +318,9 @@ class Node:
                    and time.monotonic() < deadline):
                 time.sleep(0.1)
             for assoc in server.active_associations:
-                log.warning("drain timeout: aborting association with AE %s",
-                            assoc.requestor.ae_title)
+                if assoc.is_established:
+                    log.warning("drain timeout: aborting association with AE %s",
+                                assoc.requestor.ae_title)
                 assoc.abort()
         for loop in self._loops:
             loop.stop()

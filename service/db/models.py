@@ -258,3 +258,103 @@ class WorkerStatus(Base):
     gpu_memory_total_mb: Mapped[float | None] = mapped_column(Float)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+# -- HTTP users, API tokens and dashboard sessions (migration 0005, service.auth) -----------
+
+
+class User(Base):
+    """Someone allowed to use the HTTP API or the dashboard, with a role.
+
+    ``role`` is ``viewer``, ``operator`` or ``admin`` (:data:`service.auth.ROLES`).
+    ``password_hash`` is an Argon2id hash (RFC 9106) or None for a user who
+    only uses API tokens. Users are never deleted (the audit trail names
+    them): ``disabled_at`` set means refused everywhere.
+    """
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    tokens: Mapped[list[ApiToken]] = relationship(back_populates="user")
+
+
+class ApiToken(Base):
+    """A bearer token of a user; only its SHA-256 is stored.
+
+    The token (``rn_<prefix>_<secret>``, 256 random bits) is shown once
+    when created; ``prefix`` (not secret) names it in listings.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    label: Mapped[str] = mapped_column(String(100), default="")
+    prefix: Mapped[str] = mapped_column(String(16))
+    #: Hex SHA-256 of the whole token.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class WebSession(Base):
+    """A dashboard login: the cookie's session id is stored as its SHA-256 only.
+
+    Deleted at logout, when the user is disabled or changes password, and
+    once expired (idle since ``last_seen_at`` or past ``expires_at``).
+    """
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    #: Hex SHA-256 of the session id in the cookie.
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: The absolute end of the session (``http.session_max_hours`` after login).
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+    user: Mapped[User] = relationship()
+
+
+# -- de-identification (service.deid) --------------------------------------------------------
+
+
+class DeidMapping(Base):
+    """One pseudonym of a de-identification scope (DICOM PS3.15 E.1, re-identification).
+
+    ``kind`` is ``uid`` (an original UID and the UID that replaces it) or
+    ``patient`` (an original Patient ID and the pseudonym that replaces
+    Patient ID and Patient's Name). ``attributes`` keeps what re-identification
+    restores: the patient's identifying attributes on a ``patient`` row, the
+    study's (Accession Number, Study ID, dates, patient key) on the ``uid``
+    row of a Study Instance UID. ``date_shift_days`` is the patient's shift
+    for the Modified Dates option. The table holds patient data: only the
+    service user (the database file) and admins (API) may read it.
+    """
+
+    __tablename__ = "deid_mappings"
+    __table_args__ = (
+        UniqueConstraint("scope", "kind", "original", name="uq_deid_mappings_original"),
+        UniqueConstraint("scope", "kind", "pseudonym", name="uq_deid_mappings_pseudonym"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    original: Mapped[str] = mapped_column(String(128))
+    pseudonym: Mapped[str] = mapped_column(String(128), index=True)
+    attributes: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    date_shift_days: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

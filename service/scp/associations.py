@@ -37,6 +37,8 @@ class Counters(Protocol):
 
     def association(self, calling_ae: str, outcome: str) -> None: ...  # noqa: D102
 
+    def rejected(self, reason: str) -> None: ...  # noqa: D102
+
     def stored(self, calling_ae: str, status: int, size_bytes: int) -> None: ...  # noqa: D102
 
 
@@ -53,10 +55,17 @@ class _Open:
 
 
 def _peer(event: evt.Event) -> tuple[str, str, str]:
-    """(calling AE title, called AE title, peer address) of the event's association."""
+    """(calling AE title, called AE title, peer address) of the event's association.
+
+    The Called AE Title is the one the peer asked for in its A-ASSOCIATE-RQ
+    (the node may answer to several); the node's own before a request.
+    """
     assoc: Any = event.assoc
-    calling = printable(assoc.requestor.ae_title, 16)[:16]
-    called = printable(getattr(assoc.acceptor, "ae_title", "") or "", 16)[:16]
+    request = getattr(assoc.requestor, "primitive", None)
+    calling = printable(getattr(request, "calling_ae_title", None)
+                        or assoc.requestor.ae_title or "", 16)[:16]
+    called = printable(getattr(request, "called_ae_title", None)
+                       or getattr(assoc.acceptor, "ae_title", "") or "", 16)[:16]
     address = printable(str(assoc.requestor.address), 64)[:64]
     return calling, called, address
 
@@ -87,13 +96,35 @@ class AssociationRecorder:
         if self.counters is not None:
             self.counters.association(calling, "accepted")
 
-    def rejected(self, event: evt.Event) -> None:
-        """``EVT_REJECTED``: the node refused the association; record it."""
+    def rejected(self, event: evt.Event, reason: str) -> None:
+        """``EVT_REJECTED``: the node refused the association; record it.
+
+        Parameters
+        ----------
+        event : pynetdicom.events.Event
+            The ``EVT_REJECTED`` event.
+        reason : str
+            One of :data:`service.scp.policy.REJECTION_REASONS`; counted and
+            written to the audit event.
+        """
         calling, called, address = _peer(event)
         if self.counters is not None:
             self.counters.association(calling, "rejected")
+            self.counters.rejected(reason)
         now = utcnow()
-        self._write(_Open(calling, called, address, now), "rejected", now)
+        self._write(_Open(calling, called, address, now), "rejected", now, reason=reason)
+
+    def refused(self, reason: str) -> None:
+        """A connection was closed before any association request; count it.
+
+        Parameters
+        ----------
+        reason : str
+            :data:`service.scp.policy.PEER_CONNECTIONS` or
+            :data:`service.scp.policy.TLS_HANDSHAKE`.
+        """
+        if self.counters is not None:
+            self.counters.rejected(reason)
 
     def stored(self, event: evt.Event, status: int, size_bytes: int,
                series_uid: str | None) -> None:
@@ -124,7 +155,16 @@ class AssociationRecorder:
             self.counters.association(record.calling_ae, outcome)
         self._write(record, outcome, utcnow())
 
-    def _write(self, record: _Open, outcome: str, ended_at: datetime) -> None:
+    def _write(self, record: _Open, outcome: str, ended_at: datetime,
+               reason: str | None = None) -> None:
+        detail: dict[str, Any] = {"outcome": outcome, "called_ae": record.called_ae,
+                                  "peer_address": record.peer_address,
+                                  "instances": record.instances,
+                                  "bytes": record.bytes_received,
+                                  "statuses": dict(record.statuses),
+                                  "series": len(record.series_uids)}
+        if reason is not None:
+            detail["reason"] = reason
         try:
             with self.session_factory() as session:
                 row = Association(
@@ -137,12 +177,7 @@ class AssociationRecorder:
                 session.flush()
                 audit.record(session, actor=f"ae:{record.calling_ae}", action="association",
                              target_type="association", target_id=row.id, at=ended_at,
-                             detail={"outcome": outcome, "called_ae": record.called_ae,
-                                     "peer_address": record.peer_address,
-                                     "instances": record.instances,
-                                     "bytes": record.bytes_received,
-                                     "statuses": dict(record.statuses),
-                                     "series": len(record.series_uids)})
+                             detail=detail)
                 session.commit()
         except SQLAlchemyError as exc:
             log.error("cannot record the association of AE %s: %s", record.calling_ae,

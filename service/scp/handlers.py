@@ -34,6 +34,7 @@ from service.dicom.inspect import check_complete, dataset_offset
 from service.dicom.uids import printable, require_uid
 from service.errors import InvalidInstanceError
 from service.scp.associations import AssociationRecorder
+from service.scp.policy import reason_of
 
 log = logging.getLogger("radnode.scp")
 
@@ -162,11 +163,27 @@ def handle_accepted(event: evt.Event, context: StoreContext) -> None:
 
 
 def handle_rejected(event: evt.Event, context: StoreContext) -> None:
-    """``EVT_REJECTED``: log and record an association the node refused."""
-    log.warning("association rejected: calling AE %s from %s",
-                printable(event.assoc.requestor.ae_title, 16), event.assoc.requestor.address)
+    """``EVT_REJECTED``: log and record an association the node refused.
+
+    The reason is the event's ``reason`` (set by :mod:`service.scp.policy`),
+    else read from the A-ASSOCIATE-RJ pynetdicom sent on its own (too many
+    associations). The log line names AE titles, address and reason only.
+    """
+    assoc: Any = event.assoc
+    request = getattr(assoc.requestor, "primitive", None)
+    answer = getattr(assoc.acceptor, "primitive", None)
+    result = getattr(answer, "result", None)
+    source = getattr(answer, "result_source", None)
+    diagnostic = getattr(answer, "diagnostic", None)
+    reason = getattr(event, "reason", None) or reason_of(result, source, diagnostic)
+    detail = getattr(event, "detail", None) or reason
+    log.warning("association rejected: calling AE %s, called AE %s, from %s: %s "
+                "(A-ASSOCIATE-RJ result %s, source %s, reason %s)",
+                printable(getattr(request, "calling_ae_title", "") or "", 16),
+                printable(getattr(request, "called_ae_title", "") or "", 16),
+                printable(str(assoc.requestor.address), 64), detail, result, source, diagnostic)
     if context.associations is not None:
-        context.associations.rejected(event)
+        context.associations.rejected(event, reason)
 
 
 def handle_echo(event: evt.Event) -> int:

@@ -11,13 +11,39 @@ accepts a requestor that proposes the SCP role (alone or with the SCU role)
 and one that proposes no role selection at all, and rejects a requestor that
 offers only the SCU role (radnode is no Storage Commitment SCP). The
 N-EVENT-REPORT goes to :func:`service.delivery.commitment.handle_event_report`.
+
+Listeners
+---------
+:func:`start_scp` starts the plain listener (``dicom.port``) and, with
+``dicom.tls``, a TLS listener (DICOM PS3.15 B.9) beside it: one AE, the same
+handlers, policy (:mod:`service.scp.policy`) and ``max_associations`` for
+both. Each listener is a :class:`DicomServer`, a pynetdicom
+``ThreadedAssociationServer`` made with ``AE.make_server(server_class=...)``,
+pynetdicom's documented way to use a custom server class, that changes three
+things:
+
+* the TLS handshake runs in the connection's own thread with a timeout
+  (``acse_timeout_s``), not in the accepting thread as pynetdicom does, where
+  a peer that connects and never sends a ClientHello would stop the listener
+  from accepting anyone else;
+* each accepted socket gets ``network_timeout_s`` as its timeout, so a peer
+  that stops in the middle of a PDU is aborted instead of holding a thread
+  for ever (a peer that sends nothing at all is closed by the ARTIM timer,
+  ``acse_timeout_s``, DICOM PS3.8 9.1.5);
+* with ``max_associations_per_peer``, a connection from a peer that already
+  has that many connections that have not sent an A-ASSOCIATE-RQ yet is
+  closed at once.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
+import threading
+from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pydicom.uid import (
     UID,
@@ -38,6 +64,7 @@ from service.delivery.commitment import (
     report_recorder,
 )
 from service.dicom.net import set_tcp_nodelay
+from service.dicom.tls import server_context
 from service.scp.handlers import (
     StoreContext,
     handle_aborted,
@@ -47,6 +74,7 @@ from service.scp.handlers import (
     handle_released,
     handle_store,
 )
+from service.scp.policy import PEER_CONNECTIONS, TLS_HANDSHAKE, AssociationPolicy
 
 log = logging.getLogger("radnode.scp")
 
@@ -123,22 +151,188 @@ def commitment_callback(context: StoreContext) -> Callable[[CommitmentReport], N
     return report_recorder(context.session_factory)
 
 
-def start_scp(settings: DicomSettings, context: StoreContext) -> ThreadedAssociationServer:
-    """Start listening on ``settings.host:settings.port`` in background threads.
+class DicomServer(ThreadedAssociationServer):
+    """A pynetdicom association server with timeouts before association and a per-peer cap.
+
+    Made by :meth:`pynetdicom.AE.make_server` with ``server_class=DicomServer``;
+    see the module's docstring for what differs from pynetdicom's server.
+
+    Parameters
+    ----------
+    *args
+        As :class:`pynetdicom.transport.AssociationServer`.
+    policy : AssociationPolicy
+        Its ``max_associations_per_peer`` caps connections that have not
+        sent an association request yet.
+    on_refused : callable, optional
+        Called with the reason (:data:`service.scp.policy.PEER_CONNECTIONS`,
+        :data:`service.scp.policy.TLS_HANDSHAKE`) of each connection closed
+        before an association request.
+    **kwargs
+        As :class:`pynetdicom.transport.AssociationServer`.
+    """
+
+    def __init__(self, *args: Any, policy: AssociationPolicy,
+                 on_refused: Callable[[str], None] | None = None, **kwargs: Any) -> None:
+        self.policy = policy
+        self.on_refused = on_refused
+        self._connecting: Counter[str] = Counter()
+        self._connecting_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def is_listening(self) -> bool:
+        """True while the listening socket is open."""
+        return self.socket is not None and self.socket.fileno() >= 0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection; TLS is set up later, in the connection's thread."""
+        sock = cast(socket.socket, self.socket)
+        client, address = sock.accept()
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Refuse a peer that already has its cap of connections without a request."""
+        cap = self.policy.max_per_peer
+        address = str(client_address[0])
+        with self._connecting_lock:
+            waiting = self._connecting[address]
+            if cap is not None:
+                waiting += self.policy.connecting(address, self.ae.active_associations)
+                if waiting >= cap:
+                    log.warning("connection from %s closed: it has %d connections that have "
+                                "not requested an association", address, waiting)
+                    self._refused(PEER_CONNECTIONS)
+                    return False
+            self._connecting[address] += 1
+        return True
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: TLS handshake, socket timeout, then pynetdicom."""
+        address = str(client_address[0])
+        try:
+            connection = self._secure(request, address)
+            if connection is not None:
+                connection.settimeout(self.ae.network_timeout)
+                super().process_request_thread(connection, client_address)
+        finally:
+            with self._connecting_lock:
+                self._connecting[address] -= 1
+                if self._connecting[address] <= 0:
+                    del self._connecting[address]
+
+    def _secure(self, request: socket.socket, address: str) -> socket.socket | None:
+        """The TLS connection (plain: ``request``); None if the handshake failed."""
+        context = self.ssl_context
+        if context is None:
+            return request
+        try:
+            connection = context.wrap_socket(request, server_side=True,
+                                             do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            log.info("connection from %s closed before the TLS handshake: %s", address, exc)
+            self.shutdown_request(request)
+            return None
+        try:
+            connection.settimeout(self.ae.acse_timeout)
+            connection.do_handshake()
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError, TimeoutError) as exc:
+            log.info("TLS connection from %s closed during the handshake: %s", address,
+                     type(exc).__name__)
+            self.shutdown_request(connection)
+            return None
+        except (OSError, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
+            log.warning("TLS handshake with %s failed: %s", address, reason)
+            self._refused(TLS_HANDSHAKE)
+            self.shutdown_request(connection)
+            return None
+        return connection
+
+    def _refused(self, reason: str) -> None:
+        if self.on_refused is not None:
+            try:
+                self.on_refused(reason)
+            except Exception:  # counting must never break the listener
+                log.exception("cannot count a refused connection")
+
+
+class Scp:
+    """The node's SCP: one AE, its plain and TLS listeners, and its policy.
+
+    Attributes
+    ----------
+    ae : pynetdicom.AE
+        The Application Entity both listeners serve.
+    policy : AssociationPolicy
+        Who may associate.
+    listeners : dict[str, DicomServer]
+        ``plain`` and/or ``tls``.
+    """
+
+    def __init__(self, ae: AE, policy: AssociationPolicy,
+                 listeners: dict[str, DicomServer]) -> None:
+        self.ae = ae
+        self.policy = policy
+        self.listeners = listeners
+
+    @property
+    def active_associations(self) -> list[Any]:
+        """The associations peers hold with either listener (being negotiated or established)."""
+        return [a for server in self.listeners.values() for a in server.active_associations]
+
+    @property
+    def is_listening(self) -> bool:
+        """True if every listener accepts connections."""
+        return bool(self.listeners) and all(s.is_listening for s in self.listeners.values())
+
+    def describe(self) -> str:
+        """E.g. ``plain 0.0.0.0:11112, TLS 0.0.0.0:2762`` (for logs and ``/readyz``)."""
+        names = {"plain": "plain", "tls": "TLS"}
+        parts = []
+        for name, server in self.listeners.items():
+            host, port = server.server_address[:2]
+            parts.append(f"{names.get(name, name)} {host}:{port}")
+        return ", ".join(parts)
+
+    def shutdown(self) -> None:
+        """Stop accepting on every listener (associations in flight go on)."""
+        for server in self.listeners.values():
+            if server.is_listening:
+                server.shutdown()
+
+
+def start_scp(settings: DicomSettings, context: StoreContext) -> Scp:
+    """Start the plain and/or TLS listeners on ``settings.host`` in background threads.
+
+    Parameters
+    ----------
+    settings : DicomSettings
+        AE titles, policy, listeners, limits and timeouts.
+    context : StoreContext
+        Where instances go and associations are recorded.
 
     Returns
     -------
-    pynetdicom.transport.ThreadedAssociationServer
-        Call ``shutdown()`` on it to stop.
+    Scp
+        Call ``shutdown()`` on it to stop accepting.
 
     Raises
     ------
     OSError
-        If the port cannot be bound (in use, no permission).
+        If a port cannot be bound (in use, no permission).
+    service.errors.ConfigError
+        If the TLS certificate, key or CA file cannot be used.
     """
     ae = build_ae(settings)
+    policy = AssociationPolicy(settings)
+    if policy.is_open:
+        log.warning("dicom.aes is not set: any peer may associate with any Called AE Title "
+                    "and store; list the node's AE titles, callers and addresses in "
+                    "dicom.aes to restrict that")
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_REQUESTED, policy.handle_requested),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
         (evt.EVT_N_EVENT_REPORT, handle_event_report, [commitment_callback(context)]),
@@ -147,9 +341,30 @@ def start_scp(settings: DicomSettings, context: StoreContext) -> ThreadedAssocia
         (evt.EVT_RELEASED, handle_released, [context]),
         (evt.EVT_ABORTED, handle_aborted, [context]),
     ]
-    server = ae.start_server(
-        (settings.host, settings.port), block=False, evt_handlers=handlers
-    )
-    log.info("SCP %s listening on %s:%d", settings.ae_title, settings.host, settings.port)
-    assert server is not None
-    return server
+    ssl_context = server_context(settings.tls) if settings.tls is not None else None
+    recorder = context.associations
+    on_refused = recorder.refused if recorder is not None else None
+    wanted: list[tuple[str, int, ssl.SSLContext | None]] = []
+    if settings.port is not None:
+        wanted.append(("plain", settings.port, None))
+    if settings.tls is not None:
+        wanted.append(("tls", settings.tls.port, ssl_context))
+    listeners: dict[str, DicomServer] = {}
+    scp = Scp(ae, policy, listeners)
+    try:
+        for name, port, tls in wanted:
+            server = cast(DicomServer, ae.make_server(
+                (settings.host, port), ssl_context=tls, evt_handlers=handlers,
+                server_class=DicomServer, policy=policy, on_refused=on_refused))
+            thread = threading.Thread(target=server.serve_forever, daemon=True,
+                                      name=f"AcceptorServer-{name}-{port}")
+            thread.start()
+            # As AE.start_server does: AE.shutdown() and server.shutdown() use this list.
+            ae._servers.append(server)
+            listeners[name] = server
+    except BaseException:
+        scp.shutdown()
+        raise
+    titles = ", ".join(policy.ae_titles) or f"{settings.ae_title} (and any other)"
+    log.info("SCP AE %s listening: %s", titles, scp.describe())
+    return scp

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from alembic.script import ScriptDirectory
 
+import migrations
 from tests.integration.conftest import Peer, free_port, require_tool, start_node, stop
 
 pytestmark = pytest.mark.integration
@@ -109,8 +111,11 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "radnode.db")
     tables = {name for (name,) in db.execute("select name from sqlite_master where type='table'")}
     assert {"series", "instances", "jobs", "results", "deliveries", "associations",
-            "audit_events", "workers", "alembic_version"} <= tables
-    assert db.execute("select version_num from alembic_version").fetchall() == [("0004",)]
+            "audit_events", "workers", "users", "api_tokens", "web_sessions", "deid_mappings",
+            "alembic_version"} <= tables
+    head = ScriptDirectory(str(Path(migrations.__file__).parent)).get_current_head()
+    assert head is not None and len(head) == 4
+    assert db.execute("select version_num from alembic_version").fetchall() == [(head,)]
 
 
 def test_config_check_names_the_bad_key(tmp_path: Path) -> None:

@@ -25,7 +25,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from service.config import Destination, TlsSettings
 from service.dicom.scu import StoreOutcome, echo, store_files
 from tests.conftest import dcmtk_tool, missing
-from tests.integration.conftest import free_port, require_tool, stop, wait_for_port
+from tests.integration.conftest import free_port, stop, wait_for_port
+from tests.pki import Pki, make_pki
 
 pytestmark = pytest.mark.integration
 
@@ -251,43 +252,10 @@ def test_stored_syntax_is_kept_when_the_peer_accepts_it(
 # -- (c) TLS -------------------------------------------------------------------------------
 
 
-@dataclass
-class Pki:
-    ca: Path
-    other_ca: Path
-    server_cert: Path
-    server_key: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run([require_tool("openssl"), *args], cwd=cwd, check=True,
-                   capture_output=True, timeout=60)
-
-
-def _make_ca(folder: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN=radnode test {name}",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     """A CA, a server certificate it signs for IP 127.0.0.1, and an unrelated CA."""
-    folder = tmp_path / "pki"
-    folder.mkdir()
-    _make_ca(folder, "ca")
-    _make_ca(folder, "other_ca")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
-             "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=folder)
-    (folder / "ext.cnf").write_text(
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
-        "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-days", "2", "-out", "server.pem", "-extfile", "ext.cnf",
-             cwd=folder)
-    return Pki(folder / "ca.pem", folder / "other_ca.pem", folder / "server.pem",
-               folder / "server.key")
+    return make_pki(tmp_path / "pki")
 
 
 @pytest.fixture

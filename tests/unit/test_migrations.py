@@ -16,7 +16,8 @@ from service.db.models import Base
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
 RADNODE_TABLES = {"series", "instances", "jobs", "results", "deliveries", "associations",
-                  "audit_events", "workers"}
+                  "audit_events", "workers", "users", "api_tokens", "web_sessions",
+                  "deid_mappings"}
 
 
 @pytest.fixture
