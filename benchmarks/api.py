@@ -7,7 +7,8 @@ association and the audit rows the node would write. Then, served by the real
 application through uvicorn on loopback, it times (median and p95 over
 ``--repeats`` requests) the dashboard's polls and the Prometheus scrape:
 ``/api/v1/studies`` (20 newest), ``/api/v1/jobs``, ``/api/v1/deliveries``,
-``/api/v1/series/{id}``, ``/metrics`` and ``/readyz``.
+``/api/v1/series/{id}``, ``/metrics`` and ``/readyz``, each with an admin's
+API token (so the time includes the token check).
 
     .venv/bin/python benchmarks/api.py [--studies 5000] [--repeats 30]
 """
@@ -27,6 +28,7 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service import auth  # noqa: E402
 from service.api.app import ApiContext, create_app  # noqa: E402
 from service.api.server import ApiServer  # noqa: E402
 from service.config import load_settings  # noqa: E402
@@ -114,6 +116,10 @@ def main() -> int:
         fill(factory, args.studies)
         print(f"database: {args.studies} studies, {2 * args.studies} series and jobs, "
               f"{8 * args.studies} deliveries ({time.perf_counter() - t:.1f} s to fill)")
+        with factory() as session:
+            auth.add_user(session, "bench", "admin", None, actor="benchmark")
+            _, token = auth.create_token(session, "bench", actor="benchmark")
+            session.commit()
         metrics = NodeMetrics(lambda: settings, factory)
         app = create_app(ApiContext(settings=lambda: settings, session_factory=factory,
                                     render_metrics=metrics.render))
@@ -123,7 +129,8 @@ def main() -> int:
         paths = ["/api/v1/studies?limit=20", "/api/v1/jobs?limit=50",
                  "/api/v1/deliveries?limit=100", "/api/v1/series/1", "/metrics", "/readyz"]
         try:
-            with httpx.Client(base_url=base, timeout=60) as client:
+            with httpx.Client(base_url=base, timeout=60,
+                              headers={"Authorization": f"Bearer {token}"}) as client:
                 print(f"{'path':34} {'median ms':>10} {'p95 ms':>8} {'bytes':>8}")
                 for path in paths:
                     client.get(path).raise_for_status()  # warm

@@ -8,7 +8,6 @@ The OpenAPI schema is at ``/openapi.json`` and browsable at ``/docs``.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from service import actions, audit
 from service.api import schemas
+from service.api.auth import Admin, AuthMiddleware, Operator, Viewer, require_role
 from service.config import Destination, FolderDestination, Settings, StowDestination
 from service.db import repository
 from service.db.models import (
@@ -92,34 +92,16 @@ Db = Annotated[Session, Depends(_session)]
 Ctx = Annotated[ApiContext, Depends(_context)]
 
 
-def actor(request: Request) -> str:
-    """The operator behind an action request, for the audit trail.
+def _operator_actor(who: Operator) -> str:
+    """The operator behind an action request, for the audit trail (``api:``/``web:<name>``).
 
-    With ``http.users`` configured, an ``Authorization: Bearer <token>``
-    header must name one of them (``api:<name>``); otherwise the action is
-    open and audited as ``anonymous@<client address>``.
-
-    Raises
-    ------
-    fastapi.HTTPException
-        401 when users are configured and the token is missing or unknown.
+    Raises 401 without credentials and 403 below the ``operator`` role
+    (:func:`service.api.auth.require_role`).
     """
-    users = _context(request).settings().http.users
-    client = request.client.host if request.client else "unknown"
-    if not users:
-        return f"anonymous@{client}"
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token:
-        for user in users:
-            if hmac.compare_digest(user.token.get_secret_value().encode(), token.encode()):
-                return f"api:{user.name}"
-    log.warning("refused an action from %s: no valid bearer token", client)
-    raise HTTPException(401, "a valid bearer token is required for actions",
-                        headers={"WWW-Authenticate": "Bearer"})
+    return who.actor
 
 
-Actor = Annotated[str, Depends(actor)]
+Actor = Annotated[str, Depends(_operator_actor)]
 
 
 def _page(session: Session, query: Select[Any], limit: int, offset: int) -> tuple[list[Any], int]:
@@ -232,7 +214,12 @@ def _window(query: _Query, column: Any, since: datetime | None,
 
 def api_router() -> APIRouter:
     """The ``/api/v1`` routes."""
-    router = APIRouter(prefix="/api/v1")
+    router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_role("viewer"))])
+
+    @router.get("/me", response_model=schemas.MeOut, tags=["auth"])
+    def me(who: Viewer) -> Any:
+        """Who the credentials of this request belong to: user, role, token or dashboard."""
+        return schemas.MeOut(name=who.name, role=who.role, method=who.method, actor=who.actor)
 
     @router.get("/studies", response_model=schemas.Page[schemas.StudyOut], tags=["studies"])
     def list_studies(session: Db, state: str | None = None, modality: str | None = None,
@@ -407,7 +394,7 @@ def api_router() -> APIRouter:
             limit=limit, offset=offset)
 
     @router.get("/audit", response_model=schemas.Page[schemas.AuditOut], tags=["audit"])
-    def list_audit(session: Db, action: str | None = None, actor_name: Annotated[
+    def list_audit(session: Db, _admin: Admin, action: str | None = None, actor_name: Annotated[
                        str | None, Query(alias="actor")] = None,
                    since: Since = None, until: Until = None, limit: Limit = 100,
                    offset: Offset = 0) -> Any:
@@ -421,7 +408,7 @@ def api_router() -> APIRouter:
             limit=limit, offset=offset)
 
     @router.get("/audit/export", tags=["audit"], response_class=StreamingResponse)
-    def export_audit(session: Db, since: Since = None, until: Until = None,
+    def export_audit(session: Db, _admin: Admin, since: Since = None, until: Until = None,
                      format: Literal["csv", "json"] = "csv") -> Any:
         """The audit trail in time order as CSV or JSON lines, for a date range."""
         rows = audit.events(session, since=as_utc(since) if since else None,
@@ -429,6 +416,27 @@ def api_router() -> APIRouter:
         media = "text/csv" if format == "csv" else "application/x-ndjson"
         return StreamingResponse(audit.export(rows, format), media_type=media, headers={
             "Content-Disposition": f"attachment; filename=radnode-audit.{format}"})
+
+    @router.get("/deid/pseudonyms/{pseudonym}", response_model=schemas.PseudonymOut,
+                tags=["de-identification"])
+    def lookup_pseudonym(pseudonym: str, session: Db, who: Admin,
+                         scope: str | None = None) -> Any:
+        """What a pseudonym (UID or patient pseudonym) of a de-identifying destination stands for.
+
+        Admins only; every look-up, found or not, is written to the audit trail.
+        The answer holds patient data (docs/deidentification.md).
+        """
+        from service.deid import lookup
+
+        found = lookup(session, scope, pseudonym)
+        audit.record(session, actor=who.actor, action="deid.lookup", target_type="pseudonym",
+                     target_id=pseudonym[:80], detail={"found": found is not None})
+        session.commit()
+        if found is None:
+            raise HTTPException(404, "not a known pseudonym")
+        return schemas.PseudonymOut(scope=found.scope, kind=found.kind,
+                                    pseudonym=found.pseudonym, original=found.original,
+                                    attributes=found.attributes)
 
     @router.get("/destinations", response_model=list[schemas.DestinationOut],
                 tags=["destinations"])
@@ -523,11 +531,17 @@ def create_app(context: ApiContext, *, dashboard: bool = True) -> FastAPI:
 
     Routes: ``/healthz``, ``/readyz``, ``/metrics``, ``/api/v1/...`` (REST,
     schema at ``/openapi.json``) and, with ``dashboard``, the HTML dashboard
-    at ``/``.
+    at ``/`` with its ``/login`` and ``/logout``.
+
+    Every route but ``/healthz`` (and the login page, and ``/metrics`` when
+    ``http.metrics_auth`` is false) needs an API token or a dashboard login
+    (:class:`service.api.auth.AuthMiddleware`); reading needs the ``viewer``
+    role, actions ``operator``, the audit trail ``admin``.
     """
     app = FastAPI(title="radnode", version="1", summary="DICOM AI node: API and dashboard",
                   docs_url="/docs", redoc_url=None)
     app.state.radnode = context
+    app.add_middleware(AuthMiddleware)
     probes = {"database": _database_probe(context.session_factory), **context.probes}
 
     @app.get("/healthz", tags=["health"])
@@ -552,7 +566,7 @@ def create_app(context: ApiContext, *, dashboard: bool = True) -> FastAPI:
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     def metrics() -> Response:
-        """Prometheus metrics (text exposition format)."""
+        """Prometheus metrics (text exposition format); any valid token unless open by config."""
         if context.render_metrics is None:
             raise HTTPException(404, "metrics are not enabled")
         body, content_type = context.render_metrics()

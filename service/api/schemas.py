@@ -197,6 +197,20 @@ class AuditOut(_Row):
     detail: dict[str, Any]
 
 
+class PseudonymOut(BaseModel):
+    """What a pseudonym of the de-identification mapping stands for (admins only).
+
+    Holds patient data: ``original`` (a UID, or a Patient ID for ``kind``
+    ``patient``) and ``attributes`` (what re-identification restores).
+    """
+
+    scope: str
+    kind: str
+    pseudonym: str
+    original: str
+    attributes: dict[str, Any] | None = None
+
+
 class DestinationOut(BaseModel):
     """A configured destination and its deliveries by state."""
 
@@ -261,3 +275,12 @@ class Readiness(BaseModel):
 
     ready: bool
     checks: dict[str, Check]
+
+
+class MeOut(BaseModel):
+    """The user behind a request's credentials."""
+
+    name: str
+    role: str = Field(description="viewer, operator or admin")
+    method: str = Field(description="token (API) or session (dashboard)")
+    actor: str = Field(description="how the audit trail names this user's actions")

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -69,6 +69,12 @@ class Peer:
     process: subprocess.Popen[bytes]
     log: Path
     http_port: int | None = None
+    #: For a radnode node: the environment and ``--config`` it was started with, so that
+    #: ``radnode`` commands reach the same database.
+    env: dict[str, str] = field(default_factory=dict)
+    config_args: tuple[str, ...] = ()
+    #: API tokens made by :meth:`token`, by role.
+    tokens: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -79,6 +85,40 @@ class Peer:
         """Base URL of the node's HTTP API and dashboard."""
         assert self.http_port is not None, "not a radnode node"
         return f"http://127.0.0.1:{self.http_port}"
+
+    def radnode(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``radnode ARGS --data-dir <the node's>`` (with its config) and return the run."""
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", *args, "--data-dir", str(self.folder),
+             *self.config_args], input=stdin, capture_output=True, text=True, timeout=120,
+            check=False, env={**os.environ, **self.env, "COLUMNS": "300"})
+
+    def add_user(self, name: str, role: str, password: str | None = None) -> None:
+        """Add an HTTP user with ``radnode users add`` (token-only without a password)."""
+        args = ["users", "add", name, "--role", role]
+        args += ["--password-stdin"] if password is not None else ["--no-password"]
+        run = self.radnode(*args, stdin=f"{password}\n" if password is not None else None)
+        assert run.returncode == 0, run.stdout + run.stderr
+
+    @property
+    def token(self) -> str:
+        """An API token of an admin (user ``test-admin``), made on first use."""
+        return self.token_for("admin")
+
+    def token_for(self, role: str) -> str:
+        """An API token of user ``test-<role>`` (made with the real CLI on first use)."""
+        assert self.http_port is not None, "not a radnode node"
+        if role not in self.tokens:
+            name = f"test-{role}"
+            self.add_user(name, role)
+            run = self.radnode("tokens", "create", name, "--label", "tests")
+            assert run.returncode == 0, run.stdout + run.stderr
+            self.tokens[role] = run.stdout.strip()
+        return self.tokens[role]
+
+    def auth(self, role: str = "admin") -> dict[str, str]:
+        """``Authorization`` header with :meth:`token_for` ``role``."""
+        return {"Authorization": f"Bearer {self.token_for(role)}"}
 
 
 @pytest.fixture
@@ -121,4 +161,7 @@ def start_node(tmp_path: Path, *extra: str, quiet_period: float = 2.0,
     except Exception:
         stop(process)
         raise RuntimeError(f"radnode serve did not start:\n{log.read_text()}") from None
-    return Peer("RADNODE", port, data, process, log, http_port)
+    config = extra[extra.index("--config"):extra.index("--config") + 2] \
+        if "--config" in extra else ()
+    return Peer("RADNODE", port, data, process, log, http_port, env=dict(env or {}),
+                config_args=tuple(config))

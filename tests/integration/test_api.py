@@ -33,16 +33,17 @@ from tests.integration.test_recovery import pacs_results, query, storescu, wait_
 pytestmark = pytest.mark.integration
 
 SENDER = "SCANNER"  # the calling AE title of test_recovery.storescu
-TOKEN = "0123456789abcdef0123456789abcdef"  # 32 characters
+ADMIN = "api:test-admin"  # the actor of the token Peer.auth() sends
 
 
 # -- helpers --------------------------------------------------------------------------------
 
 
 @contextmanager
-def api(node: Peer) -> Iterator[httpx.Client]:
-    """An HTTP client for the node, once its server answers."""
-    with httpx.Client(base_url=node.api, timeout=30) as client:
+def api(node: Peer, role: str | None = "admin") -> Iterator[httpx.Client]:
+    """An HTTP client for the node, once its server answers, with a token of ``role``."""
+    headers = node.auth(role) if role is not None else {}
+    with httpx.Client(base_url=node.api, timeout=30, headers=headers) as client:
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -255,7 +256,7 @@ def test_api_metrics_actions_and_audit_on_a_live_node(
         # -- the audit trail of those actions
         for action in ("job.retry", "delivery.resend"):
             events = ok(client.get("/api/v1/audit", params={"action": action}))["items"]
-            assert [e["actor"] for e in events] == ["anonymous@127.0.0.1"], (action, events)
+            assert [e["actor"] for e in events] == [ADMIN], (action, events)
         (retry_event,) = ok(client.get("/api/v1/audit", params={"action": "job.retry"}))["items"]
         assert retry_event["target_id"] == str(job_id)
         assert retry_event["detail"]["new_job"] == new_job
@@ -268,7 +269,8 @@ def test_api_metrics_actions_and_audit_on_a_live_node(
         assert f"job {new_job} queued again as job" in run.stdout
         cli_job = int(run.stdout.split("as job")[1].split()[0])
         wait_job_delivered(node, cli_job, "the job retried from the CLI to be delivered")
-        (cli_event,) = ok(client.get("/api/v1/audit", params={"actor": me}))["items"]
+        (cli_event,) = ok(client.get("/api/v1/audit", params={"actor": me,
+                                                              "action": "job.retry"}))["items"]
         assert (cli_event["action"], cli_event["target_id"]) == ("job.retry", str(new_job))
 
         status = radnode("status", "--data-dir", str(node.folder))
@@ -291,67 +293,97 @@ def test_api_metrics_actions_and_audit_on_a_live_node(
         assert [e["target_id"] for e in by_action["job.succeeded"]] == [
             str(job_id), str(new_job), str(cli_job)]
         assert all(e["actor"].startswith("worker:") for e in by_action["job.succeeded"])
-        assert [e["actor"] for e in by_action["job.retry"]] == ["anonymous@127.0.0.1", me]
+        assert [e["actor"] for e in by_action["job.retry"]] == [ADMIN, me]
+        assert [e["target_id"] for e in by_action["user.add"]] == ["test-admin"]
         assert [e["target_id"] for e in by_action["delivery.resend"]] == [str(delivery["id"])]
         assert [e["at"] for e in events] == sorted(e["at"] for e in events)  # time order
         assert node.process.poll() is None
 
 
-# -- 3: bearer-token users ------------------------------------------------------------------
+# -- 3: API tokens and roles ----------------------------------------------------------------
 
 
-def test_actions_need_the_token_of_a_configured_user(
+def test_api_needs_a_token_and_the_role_for_each_route(
     tmp_path: Path, ct_series_dir: Path, storescp_pacs: Peer
 ) -> None:
     part = tmp_path / "part"
     part.mkdir()
     for path in sorted(ct_series_dir.glob("*.dcm"))[:40]:
         shutil.copy(path, part / path.name)
-    users = json.dumps([{"name": "pacsadmin", "token": TOKEN}])
     node = start_node(tmp_path, quiet_period=600, destinations=(storescp_pacs.address,),
-                      env={"RADNODE_HTTP__USERS": users,
-                           # the release of the association would complete the series
-                           "RADNODE_COMPLETION__RELEASE_QUIET_S": "0"})
+                      # the release of the association would complete the series
+                      env={"RADNODE_COMPLETION__RELEASE_QUIET_S": "0"})
     try:
-        with api(node) as client:
+        with api(node, role=None) as anonymous, api(node, "viewer") as viewer, \
+                api(node, "operator") as operator, api(node, "admin") as admin:
             sender = storescu(node.port, part)
             assert sender.wait(timeout=120) == 0, sender.stdout.read() if sender.stdout else ""
             time.sleep(2)  # several scheduler ticks: the series stays receiving
-            (series,) = ok(client.get("/api/v1/series"))["items"]  # reading needs no token
+            (series,) = ok(viewer.get("/api/v1/series"))["items"]
             assert (series["state"], series["instance_count"]) == ("receiving", 40)
-            path = f"/api/v1/series/{series['id']}/complete"
+            complete = f"/api/v1/series/{series['id']}/complete"
 
-            for headers in ({}, {"Authorization": "Bearer " + "f" * 32},
-                            {"Authorization": f"Basic {TOKEN}"}):
-                refused = client.post(path, headers=headers)
-                assert refused.status_code == 401, (headers, refused.text)
-                assert refused.headers["www-authenticate"] == "Bearer"
-            assert client.post("/api/v1/deliveries/retry-failed").status_code == 401
-            assert ok(client.get(f"/api/v1/series/{series['id']}"))["state"] == "receiving"
-            assert ok(client.get("/api/v1/audit", params={"action": "series.complete"}
-                                 ))["total"] == 0
+            # no token: 401 on every route of the schema, and on the rest but /healthz
+            schema = ok(viewer.get("/openapi.json"))
+            routes = [(method.upper(), path.replace("{series_id}", str(series["id"]))
+                       .replace("{job_id}", "1").replace("{result_id}", "1")
+                       .replace("{delivery_id}", "1").replace("{name}", "PACS"))
+                      for path, item in schema["paths"].items() for method in item]
+            assert len(routes) >= 20 and ("POST", complete) in routes
+            for method, path in [*routes, ("GET", "/docs"), ("GET", "/openapi.json"),
+                                 ("GET", "/"), ("GET", "/static/dashboard.js")]:
+                if path == "/healthz":
+                    continue
+                for headers in ({}, {"Authorization": "Bearer rn_00000000_" + "A" * 43},
+                                {"Authorization": f"Basic {node.token}"}):
+                    refused = anonymous.request(method, path, headers=headers)
+                    assert refused.status_code == 401, (method, path, headers, refused.text)
+                    assert refused.headers["www-authenticate"] == "Bearer"
+            assert ok(anonymous.get("/healthz")) == {"status": "alive"}
 
-            done = ok(client.post(path, headers={"Authorization": f"Bearer {TOKEN}"}))
+            # below the role: 403, nothing done
+            assert viewer.post(complete).status_code == 403
+            assert viewer.post("/api/v1/deliveries/retry-failed").status_code == 403
+            for path in ("/api/v1/audit", "/api/v1/audit/export"):
+                assert viewer.get(path).status_code == 403, path
+                assert operator.get(path).status_code == 403, path
+            assert ok(viewer.get(f"/api/v1/series/{series['id']}"))["state"] == "receiving"
+            assert ok(admin.get("/api/v1/audit", params={"action": "series.complete"}
+                                ))["total"] == 0
+
+            # the operator acts; the node completes, analyses and delivers the series
+            done = ok(operator.post(complete))
             assert done["message"] == f"series {series['id']} complete (40 instances)"
             wait_until(lambda: query(node.folder, "select state from jobs") == [("succeeded",)],
                        300, "the job of the forced series to succeed", node.log)
-            detail = ok(client.get(f"/api/v1/series/{series['id']}"))
+            detail = ok(viewer.get(f"/api/v1/series/{series['id']}"))
             assert (detail["state"], detail["completion_reason"]) == ("complete", "forced")
-            assert detail["job_details"][0]["state"] == "succeeded"
-            (event,) = ok(client.get("/api/v1/audit",
-                                     params={"action": "series.complete"}))["items"]
-            assert event["actor"] == "api:pacsadmin"
+            (event,) = ok(admin.get("/api/v1/audit",
+                                    params={"action": "series.complete"}))["items"]
+            assert event["actor"] == "api:test-operator"
             assert event["detail"]["instances"] == 40
             for reading in ("/api/v1/studies", "/api/v1/jobs", "/api/v1/models",
                             "/api/v1/workers", "/api/v1/destinations", "/readyz", "/metrics"):
-                assert client.get(reading).status_code == 200, reading
-            # the embedded worker reported the model it holds
-            models = {m["name"]: m for m in ok(client.get("/api/v1/models"))}
-            assert len(models["radnode-builtin-ct"]["loaded_on"]) == 1
+                assert viewer.get(reading).status_code == 200, reading
+            assert ok(viewer.get("/api/v1/me"))["actor"] == "api:test-viewer"
+
+            # a revoked token is refused at once by the running node
+            listed = node.radnode("tokens", "list", "--user", "test-viewer")
+            assert listed.returncode == 0, listed.stderr
+            token_id = next(line.split("│")[1].strip() for line in listed.stdout.splitlines()
+                            if "test-viewer" in line)
+            assert node.radnode("tokens", "revoke", token_id).returncode == 0
+            assert viewer.get("/api/v1/studies").status_code == 401
     finally:
         stop(node.process)
-    assert TOKEN not in node.log.read_text()
-    assert TOKEN not in (node.folder / "run" / "worker-config.yaml").read_text()
+    # the tokens are nowhere in the log, the worker's settings or the database file
+    secrets = [token.split("_", 2)[2] for token in node.tokens.values()]
+    assert len(secrets) == 3
+    stored = b"".join(p.read_bytes() for p in node.folder.glob("radnode.db*"))
+    for secret in secrets:
+        assert secret not in node.log.read_text()
+        assert secret not in (node.folder / "run" / "worker-config.yaml").read_text()
+        assert secret.encode() not in stored
 
 
 # -- 4 and 5: not ready (disk reserve), refused instances, a rejected association -----------
@@ -364,6 +396,7 @@ def test_disk_reserve_makes_the_node_unready_and_associations_are_recorded(
     # timeout: keep that short, so that with one slot the peers below are not refused for it
     node = start_node(tmp_path, "--no-worker",
                       env={"RADNODE_STORAGE__MIN_FREE_MB": str(1 << 40),
+                           "RADNODE_HTTP__METRICS_AUTH": "false",  # /metrics open
                            "RADNODE_DICOM__MAX_ASSOCIATIONS": "1",
                            "RADNODE_DICOM__ACSE_TIMEOUT_S": "2"})
     try:
@@ -423,7 +456,9 @@ def test_disk_reserve_makes_the_node_unready_and_associations_are_recorded(
                                  params={"outcome": "rejected"}))["total"] == 1
             assert association("HOLDER")[0]["outcome"] == "released"
 
-            samples = metrics(client)
+            with httpx.Client(base_url=node.api, timeout=30) as anonymous:
+                samples = metrics(anonymous)  # open by config, without a token
+                assert anonymous.get("/api/v1/associations").status_code == 401
             assert sample(samples, "radnode_cstore_responses_total", status="0xA700") == 1
             assert sample(samples, "radnode_instances_received_total", calling_ae=SENDER) == 0
             assert sample(samples, "radnode_associations_total", calling_ae="INTRUDER",

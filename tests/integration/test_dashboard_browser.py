@@ -1,10 +1,12 @@
 """The HTML dashboard in a real browser: Debian's chromium driven by Playwright.
 
 A real node (``radnode serve`` with its worker) receives the real pancreas CT
-from dcmtk storescu; the browser then watches the live view update without a
-reload, retries a job (asking for the bearer token the node requires), and
-resends a delivery that failed while the PACS was down once a real PACS
-(dcmtk storescp) listens. Chromium is required: CI installs it (``apt-get
+from dcmtk storescu; the browser logs in (users made with ``radnode users
+add``), watches the live view update without a reload, retries a job (the
+page sends the session's CSRF token; without it the API refuses), logs out
+(the session is gone), sees no action button as a viewer, and resends a
+delivery that failed while the PACS was down once a real PACS (dcmtk
+storescp) listens. Chromium is required: CI installs it (``apt-get
 install chromium``); without it these tests fail, they never skip.
 
 Screenshots go to ``tmp_path`` and, when ``RADNODE_SCREENSHOT_DIR`` is set,
@@ -39,9 +41,11 @@ from tests.integration.conftest import (
 pytestmark = pytest.mark.integration
 
 CHROMIUM = "/usr/bin/chromium"
-#: The operator the node with authentication knows, and their bearer token.
-USER = "dashboard"
-TOKEN = "dashboard-test-token-5f1c2a9e"
+#: Dashboard users (name, role), all with this password.
+OPERATOR = ("olivia", "operator")
+VIEWER = ("victor", "viewer")
+ADMIN = ("ada", "admin")
+PASSWORD = "a long dashboard password"
 #: Generous: the test machine may be slow and the first job loads its model.
 TIMEOUT_MS = 60_000
 #: A calling AE title with markup in it (legal: AE titles exclude only backslash and controls).
@@ -77,8 +81,25 @@ def page(browser: Browser) -> Iterator[Page]:
 
 
 def get_json(node: Peer, path: str) -> Any:
-    with urllib.request.urlopen(f"{node.api}{path}", timeout=30) as response:
+    request = urllib.request.Request(f"{node.api}{path}", headers=node.auth("admin"))
+    with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
+
+
+def add_users(node: Peer, *users: tuple[str, str]) -> None:
+    for name, role in users:
+        node.add_user(name, role, PASSWORD)
+
+
+def log_in(page: Page, node: Peer, name: str, path: str = "/") -> None:
+    """Open ``path``: the node sends the browser to its login form; log in there."""
+    page.goto(f"{node.api}{path}")
+    expect(page).to_have_url(re.compile(r"/login\?next="), timeout=TIMEOUT_MS)
+    page.fill("#name", name)
+    page.fill("#password", PASSWORD)
+    page.click("#login button[type=submit]")
+    expect(page).to_have_url(f"{node.api}{path}", timeout=TIMEOUT_MS)
+    expect(page.locator("header .who .user")).to_have_text(name)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, node: Peer) -> None:
@@ -123,33 +144,29 @@ def screenshot(page: Page, tmp_path: Path, name: str) -> Path:
 
 
 @pytest.fixture
-def node_with_token(tmp_path: Path, storescp_pacs: Peer) -> Iterator[Peer]:
-    """A node that requires a bearer token for actions, delivering to a running PACS."""
-    users = json.dumps([{"name": USER, "token": TOKEN}])
-    node = start_node(tmp_path, destinations=(storescp_pacs.address,),
-                      env={"RADNODE_HTTP__USERS": users})
+def node_with_users(tmp_path: Path, storescp_pacs: Peer) -> Iterator[Peer]:
+    """A node with an operator and a viewer, delivering to a running PACS."""
+    node = start_node(tmp_path, destinations=(storescp_pacs.address,))
     try:
+        add_users(node, OPERATOR, VIEWER)
         yield node
     finally:
         stop(node.process)
 
 
-def test_live_view_and_job_retry(tmp_path: Path, ct_series_dir: Path, node_with_token: Peer,
+def test_live_view_and_job_retry(tmp_path: Path, ct_series_dir: Path, node_with_users: Peer,
                                  page: Page) -> None:
-    node = node_with_token
+    node = node_with_users
     send_ct(node, ct_series_dir)
     wait_until(lambda: [j["state"] for j in jobs(node)] == ["succeeded"], 240,
                "the CT job to succeed", node)
     study_uid = get_json(node, "/api/v1/studies")["items"][0]["study_instance_uid"]
 
     dialogs: list[str] = []
-
-    def answer(dialog: Any) -> None:
-        dialogs.append(dialog.type)
-        dialog.accept(TOKEN)
-
-    page.on("dialog", answer)
-    page.goto(f"{node.api}/")
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.accept()))
+    log_in(page, node, OPERATOR[0])
+    expect(page.locator("header .who .role")).to_have_text("operator")
+    expect(page.locator("nav a[href='/audit']")).to_have_count(0)  # admin only
     expect(page.locator("#ready")).to_have_text("ready", timeout=TIMEOUT_MS)
     expect(page.locator(f'[data-study="{study_uid}"]')).to_be_visible(timeout=TIMEOUT_MS)
     job = page.locator('[data-job="1"]')
@@ -159,7 +176,7 @@ def test_live_view_and_job_retry(tmp_path: Path, ct_series_dir: Path, node_with_
     expect(job.locator(".delivery .state").first).to_have_text("sent", timeout=TIMEOUT_MS)
     screenshot(page, tmp_path, "live")
 
-    # Retry: the API answers 401, the page asks for the token once and sends it.
+    # Retry from the page: its fetch carries the session's CSRF token.
     page.evaluate("window.radnodeNoReload = true")
     job.locator("button.retry").click()
     expect(page.locator("#flash")).to_contain_text("queued again as job 2", timeout=TIMEOUT_MS)
@@ -171,15 +188,20 @@ def test_live_view_and_job_retry(tmp_path: Path, ct_series_dir: Path, node_with_
     expect(new_job.locator(".delivery .state")).to_have_text(["sent", "sent"],
                                                              timeout=TIMEOUT_MS)
     assert page.evaluate("window.radnodeNoReload") is True, "the page was reloaded"
-    assert dialogs == ["prompt"]
+    assert dialogs == []  # no token prompt: the login session is enough
     screenshot(page, tmp_path, "live-retried")
-
-    # The token is kept for the tab: the next action does not ask again.
-    new_job.locator("button.retry").click()
-    expect(page.locator("#flash")).to_contain_text("queued again as job 3", timeout=TIMEOUT_MS)
-    assert dialogs == ["prompt"]
     retries = get_json(node, "/api/v1/audit?action=job.retry")["items"]
-    assert {event["actor"] for event in retries} == {f"api:{USER}"}
+    assert {event["actor"] for event in retries} == {f"web:{OPERATOR[0]}"}
+
+    # The same POST from the page's origin with the session cookie but without the CSRF
+    # header (what a forged cross-site request could at best do) is refused.
+    status = page.evaluate("""async () => (await fetch("/api/v1/jobs/2/retry",
+        {method: "POST", credentials: "same-origin"})).status""")
+    assert status == 403
+    wrong = page.evaluate("""async () => (await fetch("/api/v1/jobs/2/retry",
+        {method: "POST", headers: {"X-CSRF-Token": "0".repeat(64)}})).status""")
+    assert wrong == 403
+    assert get_json(node, "/api/v1/audit?action=job.retry")["total"] == 1
 
     # The series page: timeline, jobs, results with their deliveries.
     series_id = get_json(node, "/api/v1/series")["items"][0]["id"]
@@ -190,6 +212,33 @@ def test_live_view_and_job_retry(tmp_path: Path, ct_series_dir: Path, node_with_
     expect(page.locator("#results .result")).to_have_count(2, timeout=TIMEOUT_MS)
     screenshot(page, tmp_path, "series")
 
+    # Log out: back at the login form; the old session opens nothing any more.
+    page.click("header .who button.logout")
+    expect(page.locator("#login-notice")).to_have_text("You are logged out.",
+                                                       timeout=TIMEOUT_MS)
+    status = page.evaluate("async () => (await fetch('/api/v1/studies')).status")
+    assert status == 401
+    page.goto(f"{node.api}/")
+    expect(page).to_have_url(re.compile(r"/login\?next=/$"), timeout=TIMEOUT_MS)
+    events = get_json(node, "/api/v1/audit?action=auth.logout")["items"]
+    assert [e["actor"] for e in events] == [f"web:{OPERATOR[0]}"]
+
+    # A wrong password is refused; a viewer sees everything but no action button.
+    page.fill("#name", VIEWER[0])
+    page.fill("#password", "not the password")
+    page.click("#login button[type=submit]")
+    expect(page.locator("#login-error")).to_have_text("Unknown user or wrong password.")
+    log_in(page, node, VIEWER[0])
+    expect(page.locator("header .who .role")).to_have_text("viewer")
+    expect(page.locator('[data-job="2"] .state').first).to_have_text("succeeded",
+                                                                     timeout=TIMEOUT_MS)
+    expect(page.locator('[data-job="2"] .delivery')).to_have_count(2, timeout=TIMEOUT_MS)
+    expect(page.locator("main button")).to_have_count(0)
+    page.goto(f"{node.api}/destinations")
+    expect(page.locator('[data-destination="PACS"]')).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.locator("main button")).to_have_count(0)
+    screenshot(page, tmp_path, "viewer")
+
 
 @pytest.fixture
 def node_without_pacs(tmp_path: Path) -> Iterator[tuple[Peer, int]]:
@@ -197,6 +246,7 @@ def node_without_pacs(tmp_path: Path) -> Iterator[tuple[Peer, int]]:
     port = free_port()
     node = start_node(tmp_path, destinations=(f"PACS@127.0.0.1:{port}",))
     try:
+        add_users(node, ADMIN)
         yield node, port
     finally:
         stop(node.process)
@@ -210,7 +260,7 @@ def test_failed_delivery_then_resend(tmp_path: Path, ct_series_dir: Path,
     wait_until(lambda: len(deliveries(node)) == 2 and all(d["error"] for d in deliveries(node)),
                240, "both deliveries to fail once", node)
 
-    page.goto(f"{node.api}/")
+    log_in(page, node, ADMIN[0])
     expect(page.locator(".study-meta .ae")).to_have_text(HOSTILE_AE, timeout=TIMEOUT_MS)
     assert page.locator(".study b").count() == 0, "an AE title was inserted as HTML"
     first = page.locator(".delivery").first

@@ -1,8 +1,9 @@
 """The HTTP application in process (FastAPI's TestClient) on a real, migrated SQLite database.
 
-Lists with filters, date windows and pagination; 404s; actions with and
-without configured bearer-token users; readiness probes; the models page fed
-by the worker's own status report.
+Lists with filters, date windows and pagination; 404s; actions; readiness
+probes; the models page fed by the worker's own status report. Every client
+here authenticates with an API token of an admin (authentication and roles
+themselves are tested in test_auth.py).
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import audit
-from service.api.app import ApiContext, Probe, create_app
-from service.config import Settings, load_settings
-from service.db.models import Association, AuditEvent, Delivery, Job, Series, WorkerStatus
+from service import audit, auth
+from service.api.app import ApiContext, Probe, _database_probe, create_app
+from service.config import Settings
+from service.db.models import (
+    ApiToken,
+    Association,
+    AuditEvent,
+    Delivery,
+    Job,
+    User,
+    WorkerStatus,
+)
 from service.db.session import make_engine, make_session_factory, utcnow
 from service.metrics import NodeMetrics
 from tests.unit.conftest import DESTINATIONS, T0
@@ -33,8 +42,25 @@ from tests.unit.test_actions_audit import make_job, make_result, make_series
 from workers import tasks
 from workers.models import registry
 
-CLIENT_ACTOR = "anonymous@testclient"  # TestClient's client address is "testclient"
-TOKEN = "s3cret-token-of-the-pacs-admin"
+CLIENT_ACTOR = "api:admin"  # the admin whose token make_client sends
+
+
+def provision(factory: sessionmaker[Session], name: str = "admin", role: str = "admin") -> str:
+    """A user (if new) and a new API token of it, written straight to the tables.
+
+    No audit event is written, so the tests of the audit trail see only their own.
+    """
+    with factory() as session:
+        user = session.scalar(select(User).where(User.name == name))
+        if user is None:
+            user = User(name=name, role=role, created_at=utcnow())
+            session.add(user)
+            session.flush()
+        token, prefix = auth.new_token()
+        session.add(ApiToken(user_id=user.id, prefix=prefix, token_hash=auth.sha256_hex(token),
+                             created_at=utcnow()))
+        session.commit()
+    return token
 
 
 def iso(at: datetime) -> str:
@@ -44,10 +70,12 @@ def iso(at: datetime) -> str:
 def make_client(settings: Settings, factory: sessionmaker[Session],
                 probes: dict[str, Probe] | None = None,
                 render_metrics: Callable[[], tuple[bytes, str]] | None = None,
-                echo: Callable[..., int | None] | None = None) -> TestClient:
+                echo: Callable[..., int | None] | None = None, role: str = "admin") -> TestClient:
     context = ApiContext(settings=lambda: settings, session_factory=factory,
                          probes=probes or {}, render_metrics=render_metrics, echo=echo)
-    return TestClient(create_app(context, dashboard=False))
+    token = provision(factory, role, role)
+    return TestClient(create_app(context, dashboard=False),
+                      headers={"Authorization": f"Bearer {token}"})
 
 
 @pytest.fixture
@@ -148,12 +176,15 @@ def test_readyz_is_503_naming_the_failed_check(
 
 def test_readyz_with_an_unreachable_database(settings: Settings, tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'no' / 'such' / 'folder' / 'radnode.db'}")
-    with make_client(settings, make_session_factory(engine)) as client:
-        response = client.get("/readyz")
+    context = ApiContext(settings=lambda: settings, session_factory=make_session_factory(engine))
+    with TestClient(create_app(context, dashboard=False),
+                    headers={"Authorization": "Bearer rn_00000000_" + "a" * 43}) as client:
+        response = client.get("/readyz")  # no database: no credentials can be checked
         assert client.get("/healthz").status_code == 200  # alive all the same
     assert response.status_code == 503
-    check = response.json()["checks"]["database"]
-    assert check["ok"] is False and check["detail"].startswith("OperationalError")
+    assert "database is unreachable" in response.json()["detail"]
+    ok, detail = _database_probe(make_session_factory(engine))()
+    assert ok is False and detail.startswith("OperationalError")
 
 
 def test_metrics_endpoint(settings: Settings, session_factory: sessionmaker[Session],
@@ -525,62 +556,6 @@ def test_audit_list_and_export(client: TestClient, session_factory: sessionmaker
     assert client.get("/api/v1/audit/export", params={"format": "xml"}).status_code == 422
 
 
-# -- bearer-token users ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def guarded(settings: Settings, session_factory: sessionmaker[Session]) -> Iterator[TestClient]:
-    with_users = load_settings(data_dir=settings.data_dir, destinations=DESTINATIONS,
-                               http={"users": [{"name": "pacsadmin", "token": TOKEN},
-                                               {"name": "second", "token": "y" * 20}]})
-    with make_client(with_users, session_factory) as test_client:
-        yield test_client
-
-
-def test_actions_need_a_valid_bearer_token(guarded: TestClient,
-                                           session_factory: sessionmaker[Session],
-                                           rows: Rows) -> None:
-    path = f"/api/v1/series/{rows.a_mr}/complete"
-    for headers in ({}, {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": "Bearer "},
-                    {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN}):
-        refused = guarded.post(path, headers=headers)
-        assert refused.status_code == 401, headers
-        assert refused.headers["www-authenticate"] == "Bearer"
-        assert "bearer token" in refused.json()["detail"]
-    for other in ("/api/v1/jobs/1/retry", "/api/v1/jobs/1/cancel", "/api/v1/deliveries/1/resend",
-                  "/api/v1/deliveries/retry-failed", "/api/v1/results/1/resend",
-                  "/api/v1/destinations/PACS/echo"):
-        assert guarded.post(other).status_code == 401, other
-    with session_factory() as session:
-        assert session.get(Series, rows.a_mr).state == "receiving"  # type: ignore[union-attr]
-        assert audit.events(session) == []
-
-    accepted = guarded.post(path, headers={"Authorization": f"bearer {TOKEN}"})
-    assert accepted.status_code == 200, accepted.text
-    second = guarded.post(f"/api/v1/jobs/{rows.a_job}/retry",
-                          headers={"Authorization": "Bearer " + "y" * 20})
-    assert second.status_code == 200
-    with session_factory() as session:
-        assert [(e.actor, e.action) for e in audit.events(session)] == [
-            ("api:pacsadmin", "series.complete"), ("api:second", "job.retry")]
-
-    # reading is open
-    for path in ("/api/v1/studies", "/api/v1/series", f"/api/v1/series/{rows.a_ct}",
-                 "/api/v1/jobs", "/api/v1/deliveries", "/api/v1/audit", "/api/v1/models",
-                 "/api/v1/destinations", "/healthz", "/readyz"):
-        assert guarded.get(path).status_code == 200, path
-
-
-def test_tokens_never_leave_the_node(settings: Settings, tmp_path: Path) -> None:
-    from service.config import dump_settings
-
-    with_users = load_settings(data_dir=tmp_path, http={"users": [{"name": "pacsadmin",
-                                                                   "token": TOKEN}]})
-    assert TOKEN not in repr(with_users)
-    dump_settings(with_users, tmp_path / "worker.yaml")
-    assert TOKEN not in (tmp_path / "worker.yaml").read_text()
-
-
 # -- models and workers ---------------------------------------------------------------------
 
 
@@ -646,3 +621,34 @@ def test_action_rolls_back_on_conflict(client: TestClient, session_factory: sess
     with session_factory() as session:
         assert session.scalars(select(AuditEvent)).all() == []
         assert len(session.scalars(select(Job)).all()) == 3
+
+
+# -- de-identification mapping ------------------------------------------------------------
+
+
+def test_pseudonym_lookup_is_for_admins_and_audited(
+        settings: Settings, session_factory: sessionmaker[Session], client: TestClient) -> None:
+    from service.deid.mapping import get_or_create
+
+    with session_factory() as session:
+        get_or_create(session, "RESEARCH", "patient", "PID-0042", lambda: "ANON-7F00",
+                      attributes={"PatientID": "PID-0042", "PatientName": "Doe^Jane"})
+        session.commit()
+
+    found = get(client, "/api/v1/deid/pseudonyms/ANON-7F00")
+    assert found == {"scope": "RESEARCH", "kind": "patient", "pseudonym": "ANON-7F00",
+                     "original": "PID-0042",
+                     "attributes": {"PatientID": "PID-0042", "PatientName": "Doe^Jane"}}
+    assert client.get("/api/v1/deid/pseudonyms/ANON-7F00",
+                      params={"scope": "OTHER"}).status_code == 404
+    assert client.get("/api/v1/deid/pseudonyms/2.25.1").status_code == 404
+    for role in ("viewer", "operator"):
+        with make_client(settings, session_factory, role=role) as other:
+            assert other.get("/api/v1/deid/pseudonyms/ANON-7F00").status_code == 403
+
+    with session_factory() as session:
+        events = session.scalars(select(AuditEvent).where(AuditEvent.action == "deid.lookup")
+                                 .order_by(AuditEvent.id)).all()
+        assert [(e.actor, e.target_id, e.detail["found"]) for e in events] == [
+            (CLIENT_ACTOR, "ANON-7F00", True), (CLIENT_ACTOR, "ANON-7F00", False),
+            (CLIENT_ACTOR, "2.25.1", False)]

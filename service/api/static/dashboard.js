@@ -6,7 +6,9 @@
 "use strict";
 
 (function () {
-  const TOKEN_KEY = "radnode.bearer-token";
+  /** The signed-in user's role (viewer, operator, admin): viewers get no action buttons. */
+  const ROLE = document.body ? document.body.dataset.role || "" : "";
+  const CAN_ACT = ROLE === "operator" || ROLE === "admin";
   const LIVE_MS = 3000;       // live view and series page
   const SLOW_MS = 10000;      // destinations, models, audit
   const READY_MS = 10000;     // readiness badge
@@ -103,20 +105,22 @@
 
   // ------------------------------------------------------------------ HTTP and actions
 
-  function token() {
-    try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch (e) { return ""; }
+  /** The dashboard session's CSRF token, from the page's <meta name="csrf-token">. */
+  function csrfToken() {
+    const meta = document.querySelector('meta[name="csrf-token"]');
+    return meta ? meta.getAttribute("content") || "" : "";
   }
 
-  function setToken(value) {
-    try {
-      if (value) sessionStorage.setItem(TOKEN_KEY, value);
-      else sessionStorage.removeItem(TOKEN_KEY);
-    } catch (e) { /* storage disabled: the token lasts this request only */ }
+  /** The session ended (logout, expiry, disabled user): back to the login form. */
+  function toLogin() {
+    const next = `${window.location.pathname}${window.location.search}`;
+    window.location.assign(`/login?next=${encodeURIComponent(next)}`);
   }
 
-  async function send(method, url, body, bearer) {
+  /** GET or POST with the session cookie; writes carry the CSRF token. */
+  async function send(method, url, body) {
     const headers = {Accept: "application/json"};
-    if (bearer) headers.Authorization = `Bearer ${bearer}`;
+    if (method !== "GET") headers["X-CSRF-Token"] = csrfToken();
     if (body !== undefined) headers["Content-Type"] = "application/json";
     const response = await fetch(url, {
       method, headers, body: body === undefined ? undefined : JSON.stringify(body),
@@ -124,31 +128,12 @@
     });
     let data = null;
     try { data = await response.json(); } catch (e) { data = null; }
+    if (response.status === 401) toLogin();
     return {status: response.status, ok: response.ok, data};
   }
 
-  let tokenRefused = false;
-
-  /** GET or POST; on 401 ask for a bearer token once, keep it for the tab, try again. */
-  async function request(method, url, body) {
-    const stored = token();
-    let reply = await send(method, url, body, stored);
-    if (reply.status === 401) {
-      if (stored) { setToken(""); tokenRefused = true; }  // refused: forget it, ask again
-      const entered = window.prompt(tokenRefused
-        ? "The bearer token was refused. Bearer token for actions on this node:"
-        : "This node requires a bearer token for actions. Bearer token:");
-      if (entered && entered.trim()) {
-        reply = await send(method, url, body, entered.trim());
-        tokenRefused = reply.status === 401;
-        if (!tokenRefused) setToken(entered.trim());
-      }
-    }
-    return reply;
-  }
-
   async function getJson(url) {
-    const reply = await send("GET", url, undefined, token());
+    const reply = await send("GET", url);
     if (!reply.ok) throw new Error(describe(reply));
     return reply.data;
   }
@@ -176,8 +161,10 @@
     flashTimer = setTimeout(() => { el.hidden = true; }, ok ? 8000 : 20000);
   }
 
-  /** A button that POSTs to an action route and shows the reply's message or detail. */
+  /** A button that POSTs to an action route and shows the reply's message or detail.
+   *  None for a viewer: the API would answer 403. */
   function actionButton(label, url, opts) {
+    if (!CAN_ACT) return null;
     const options = opts || {};
     const button = h("button", {type: "button", class: options.class || "action",
                                 title: options.title});
@@ -186,7 +173,7 @@
       if (options.confirm && !window.confirm(options.confirm)) return;
       button.disabled = true;
       try {
-        const reply = await request("POST", url, options.body);
+        const reply = await send("POST", url, options.body);
         const text = options.describe ? options.describe(reply) : describe(reply);
         flash(text, reply.ok && !(options.okField && reply.data && !reply.data[options.okField]));
         if (options.after) options.after(reply);
@@ -254,7 +241,7 @@
     let text = "not ready";
     let details = [];
     try {
-      const reply = await send("GET", "/readyz", undefined, "");
+      const reply = await send("GET", "/readyz");
       const checks = (reply.data && reply.data.checks) || {};
       if (reply.ok && reply.data && reply.data.ready) {
         state = "ok";
@@ -511,7 +498,7 @@
 
   async function loadSeries() {
     const id = document.body.dataset.seriesId;
-    const reply = await send("GET", `/api/v1/series/${encodeURIComponent(id)}`, undefined, token());
+    const reply = await send("GET", `/api/v1/series/${encodeURIComponent(id)}`);
     if (reply.status === 404) {
       replace($("#series-summary"), h("p", {class: "error"}, describe(reply)));
       return;
