@@ -40,6 +40,7 @@ from service import audit
 from service.config import Destination
 from service.db.models import Delivery, Result
 from service.db.session import utcnow
+from service.deid.mapping import original_uids
 from service.dicom.net import set_tcp_nodelay
 from service.dicom.tls import tls_args
 from service.dicom.uids import is_valid_uid, printable
@@ -441,6 +442,13 @@ def record_report(report: CommitmentReport, *, session: Session,
                     "(already answered, superseded by a newer request, or not ours): ignored",
                     printable(report.calling_ae, 16), report.transaction_uid)
         return 0, 0
+    # A de-identifying destination commits the pseudonym UIDs it received:
+    # name them by the result's own UID (pseudonyms are random, so unique).
+    originals = original_uids(session, [*report.committed, *report.failed])
+    if originals:
+        report = CommitmentReport(
+            report.transaction_uid, [originals.get(u, u) for u in report.committed],
+            {originals.get(u, u): r for u, r in report.failed.items()}, report.calling_ae)
     committed = set(report.committed)
     named = 0
     done = failed = 0

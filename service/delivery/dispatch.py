@@ -56,9 +56,37 @@ def backoff_s(settings: Settings, failures: int) -> float:
     return float(min(cfg.retry_backoff_s * 2 ** max(failures - 1, 0), cfg.max_backoff_s))
 
 
-def send(settings: Settings, destination: AnyDestination,
-         paths: Sequence[Path]) -> list[StoreOutcome]:
-    """Send files to a destination of any kind; one outcome per path, in order."""
+def send(settings: Settings, destination: AnyDestination, paths: Sequence[Path], *,
+         session: Session | None = None) -> list[StoreOutcome]:
+    """Send files to a destination of any kind; one outcome per path, in order.
+
+    For a destination with ``deidentify`` the files are de-identified first
+    (:mod:`service.deid`, scope of the destination), into temporary copies:
+    the result files stay identified for the other destinations. A file that
+    cannot be de-identified fails for good and is never sent as it is.
+
+    Raises
+    ------
+    ValueError
+        If the destination de-identifies and no ``session`` is given (the
+        pseudonym mapping lives in the database).
+    """
+    if destination.deidentify:
+        if session is None:
+            raise ValueError(f"sending to {destination.name} de-identifies: a session is needed")
+        from service.deid.outgoing import prepare
+
+        prepared = prepare(session, destination, paths, settings.data_dir / "deid-outbox")
+        try:
+            sent = _send_files(settings, destination, prepared.paths) if prepared.paths else []
+            return prepared.merge(paths, sent)
+        finally:
+            prepared.cleanup()
+    return _send_files(settings, destination, paths)
+
+
+def _send_files(settings: Settings, destination: AnyDestination,
+                paths: Sequence[Path]) -> list[StoreOutcome]:
     if isinstance(destination, StowDestination):
         from service.delivery.stow import stow_files
 
@@ -247,7 +275,8 @@ def deliver_group(settings: Settings, session_factory: sessionmaker[Session], na
 def _send(settings: Settings, session: Session, destination: AnyDestination,
           deliveries: list[Delivery], unreachable_before: int) -> bool:
     cfg = settings.delivery
-    outcomes = send(settings, destination, [Path(d.result.path) for d in deliveries])
+    outcomes = send(settings, destination, [Path(d.result.path) for d in deliveries],
+                    session=session)
     now = utcnow()
     reached = not any(o.unreachable for o in outcomes)
     for delivery, outcome in zip(deliveries, outcomes, strict=True):
@@ -323,7 +352,12 @@ def _request_commitment(settings: Settings, session: Session, destination: Desti
         delivery.commit_attempts += 1
         delivery.transaction_uid = transaction_uid
     session.commit()
-    references = [(d.result.sop_class_uid, d.result.sop_instance_uid) for d in asking]
+    # A de-identifying destination received (and commits) the pseudonym UID.
+    from service.deid.outgoing import sent_uid
+
+    references = [(d.result.sop_class_uid, sent_uid(session, destination,
+                                                    d.result.sop_instance_uid))
+                  for d in asking]
     status = request_commitment(destination, references, transaction_uid=transaction_uid,
                                 calling_ae=cfg.ae_title, timeout_s=cfg.response_timeout_s)
     accepted = status == 0x0000
