@@ -40,3 +40,6 @@ def configure(level: str = "INFO") -> None:
     # and every association at INFO: keep it at WARNING whatever our level.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.WARNING)
+    # SQLAlchemy logs statements with their parameters (INFO) and rows
+    # (DEBUG); the de-identification mapping holds patient IDs and names.
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
