@@ -10,6 +10,7 @@ took. It exits 0 only if both arrived.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -140,8 +141,14 @@ def run_demo(*, input_dir: Path | None, data_dir: Path, quiet_period_s: float,
            "--host", "127.0.0.1", "--port", str(node_port), "--data-dir", str(node_dir),
            "--destination", f"DEMOPACS@127.0.0.1:{pacs_port}",
            "--quiet-period", str(quiet_period_s), "--http-port", str(http_port)]
+    # The dashboard needs a login: a viewer for this run, with a fresh password.
+    password = secrets.token_urlsafe(12)
+    subprocess.run([sys.executable, "-m", "service.cli", "users", "add", "demo", "--role",
+                    "viewer", "--password-stdin", "--data-dir", str(node_dir)],
+                   input=f"{password}\n", text=True, capture_output=True, check=True)
     console.print(f"PACS DEMOPACS on 127.0.0.1:{pacs_port}; node RADNODE on 127.0.0.1:{node_port}"
-                  f" (log: {log_path}); dashboard http://127.0.0.1:{http_port}/")
+                  f" (log: {log_path}); dashboard http://127.0.0.1:{http_port}/ (user demo, "
+                  f"password {password}, while the demo runs)")
     with log_path.open("wb") as log_file:
         node = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
