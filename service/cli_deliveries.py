@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.config import load_settings
+from service.config import Settings, load_settings
 from service.errors import ConfigError
 
 config_option = click.option(
@@ -21,16 +21,39 @@ config_option = click.option(
 data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
 
 
-def _factory(config_file: Path | None, data_dir: Path | None) -> tuple[sessionmaker[Session],
-                                                                         set[str]]:
+def open_database(config_file: Path | None, data_dir: Path | None, *,
+                  upgrade: bool = False) -> tuple[Settings, sessionmaker[Session]]:
+    """The settings and a session factory on the node's database, for a CLI command.
+
+    Parameters
+    ----------
+    config_file, data_dir : pathlib.Path or None
+        As given to ``--config`` and ``--data-dir``.
+    upgrade : bool
+        Run the migrations first when ``database.auto_upgrade`` allows it
+        (for commands that may come before the first ``radnode serve``).
+
+    Raises
+    ------
+    click.ClickException
+        If the configuration is invalid.
+    """
+    from service.db import migrate
     from service.db.session import make_engine, make_session_factory
 
     try:
         settings = load_settings(config_file, data_dir=data_dir)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    names = {d.name for d in settings.destinations}
-    return make_session_factory(make_engine(settings.database_url)), names
+    if upgrade and settings.database.auto_upgrade:
+        migrate.upgrade(settings.database_url)
+    return settings, make_session_factory(make_engine(settings.database_url))
+
+
+def _factory(config_file: Path | None, data_dir: Path | None) -> tuple[sessionmaker[Session],
+                                                                         set[str]]:
+    settings, factory = open_database(config_file, data_dir)
+    return factory, {d.name for d in settings.destinations}
 
 
 @click.group()

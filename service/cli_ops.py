@@ -19,22 +19,12 @@ from typing import Any
 
 import click
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from service.cli_deliveries import config_option, data_dir_option
-from service.config import Settings, load_settings
-from service.errors import ConfigError
+from service.cli_deliveries import config_option, data_dir_option, open_database
+from service.config import Settings
 
-
-def _open(config_file: Path | None, data_dir: Path | None) -> tuple[Settings,
-                                                                    sessionmaker[Session]]:
-    from service.db.session import make_engine, make_session_factory
-
-    try:
-        settings = load_settings(config_file, data_dir=data_dir)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
-    return settings, make_session_factory(make_engine(settings.database_url))
+_open = open_database
 
 
 def _act(config_file: Path | None, data_dir: Path | None,

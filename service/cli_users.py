@@ -18,23 +18,13 @@ import click
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.cli_deliveries import config_option, data_dir_option
-from service.config import load_settings
-from service.errors import ConfigError
+from service.cli_deliveries import config_option, data_dir_option, open_database
 
 
 def _factory(config_file: Path | None, data_dir: Path | None) -> sessionmaker[Session]:
     """A session factory on the node's database, migrated first if allowed by config."""
-    from service.db import migrate
-    from service.db.session import make_engine, make_session_factory
-
-    try:
-        settings = load_settings(config_file, data_dir=data_dir)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if settings.database.auto_upgrade:  # `users add` may come before the first `serve`
-        migrate.upgrade(settings.database_url)
-    return make_session_factory(make_engine(settings.database_url))
+    # `users add` may come before the first `serve`.
+    return open_database(config_file, data_dir, upgrade=True)[1]
 
 
 def _read_password(password_stdin: bool, prompt: str) -> str:
