@@ -76,6 +76,25 @@ def remove_interrupted_writes(*folders: Path) -> int:
     return removed
 
 
+def private_data_dir(data_dir: Path) -> bool:
+    """Create ``data_dir`` readable by the service user only (0700); True if created.
+
+    It holds patient data: received instances, results and, with
+    de-identifying destinations, the pseudonym mapping. An existing folder
+    keeps its mode (an admin may have chosen it), with a warning if others
+    can read it.
+    """
+    if not data_dir.exists():
+        data_dir.mkdir(parents=True, mode=0o700)
+        data_dir.chmod(0o700)  # mkdir's mode is masked by the umask
+        return True
+    mode = data_dir.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("data directory %s has mode %o: other users can read patient data in it; "
+                    "chmod 700 it", data_dir, mode)
+    return False
+
+
 class EmbeddedWorker:
     """A ``radnode worker`` child process, restarted if it dies unexpectedly."""
 
@@ -170,7 +189,8 @@ class Node:
             If the SCP's TLS certificate, key or CA file cannot be used.
         """
         s = self.settings
-        for folder in (s.data_dir, s.spool_dir, s.results_dir):
+        private_data_dir(s.data_dir)
+        for folder in (s.spool_dir, s.results_dir):
             folder.mkdir(parents=True, exist_ok=True)
         remove_interrupted_writes(s.spool_dir, s.results_dir, s.data_dir / "broker" / "messages")
         # pynetdicom writes received data sets to temporary files: keep them on

@@ -29,7 +29,10 @@ def upgrade(url: str, revision: str = "head") -> None:
         If the database cannot be reached.
     """
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.removeprefix("sqlite:///")).parent
+        if not folder.exists():  # the data directory: private, it will hold patient data
+            folder.mkdir(parents=True, mode=0o700)
+            folder.chmod(0o700)
     command.upgrade(alembic_config(url), revision)
 
 
