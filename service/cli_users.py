@@ -11,8 +11,10 @@ a change on the next request). Each change is audited as
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import click
 from sqlalchemy import func, select
@@ -25,6 +27,30 @@ def _factory(config_file: Path | None, data_dir: Path | None) -> sessionmaker[Se
     """A session factory on the node's database, migrated first if allowed by config."""
     # `users add` may come before the first `serve`.
     return open_database(config_file, data_dir, upgrade=True)[1]
+
+
+T = TypeVar("T")
+
+
+def _change(config_file: Path | None, data_dir: Path | None,
+            change: Callable[[Session, str], T]) -> T:
+    """Run one audited change of :mod:`service.auth` as the CLI's actor, and commit it.
+
+    Raises
+    ------
+    click.ClickException
+        With the message of :class:`service.auth.AuthError` (unknown user,
+        name taken, ...); nothing is committed then.
+    """
+    from service import audit, auth
+
+    with _factory(config_file, data_dir)() as session:
+        try:
+            outcome = change(session, audit.cli_actor())
+        except auth.AuthError as exc:
+            raise click.ClickException(str(exc)) from exc
+        session.commit()
+        return outcome
 
 
 def _read_password(password_stdin: bool, prompt: str) -> str:
@@ -65,18 +91,13 @@ def users() -> None:
 def users_add(config_file: Path | None, data_dir: Path | None, name: str, role: str,
               password_stdin: bool, no_password: bool) -> None:
     """Add user NAME with a role and (unless --no-password) a password, asked for twice."""
-    from service import audit, auth
+    from service import auth
 
     if password_stdin and no_password:
         raise click.UsageError("--password-stdin and --no-password exclude each other")
     password = None if no_password else _read_password(password_stdin, "Password")
-    factory = _factory(config_file, data_dir)
-    with factory() as session:
-        try:
-            auth.add_user(session, name, role, password, actor=audit.cli_actor())
-        except auth.AuthError as exc:
-            raise click.ClickException(str(exc)) from exc
-        session.commit()
+    _change(config_file, data_dir,
+            lambda session, actor: auth.add_user(session, name, role, password, actor=actor))
     click.echo(f"user {name} added ({role}{', token only' if no_password else ''})")
 
 
@@ -112,14 +133,10 @@ def users_list(config_file: Path | None, data_dir: Path | None) -> None:
 def users_set_role(config_file: Path | None, data_dir: Path | None, name: str,
                    role: str) -> None:
     """Give user NAME the role ROLE (effective on their next request)."""
-    from service import audit, auth
+    from service import auth
 
-    with _factory(config_file, data_dir)() as session:
-        try:
-            auth.set_role(session, name, role, actor=audit.cli_actor())
-        except auth.AuthError as exc:
-            raise click.ClickException(str(exc)) from exc
-        session.commit()
+    _change(config_file, data_dir,
+            lambda session, actor: auth.set_role(session, name, role, actor=actor))
     click.echo(f"user {name} is now {role}")
 
 
@@ -133,17 +150,13 @@ def users_set_role(config_file: Path | None, data_dir: Path | None, name: str,
 def users_password(config_file: Path | None, data_dir: Path | None, name: str,
                    password_stdin: bool, remove: bool) -> None:
     """Set user NAME's password (asked for twice); ends their dashboard sessions."""
-    from service import audit, auth
+    from service import auth
 
     if password_stdin and remove:
         raise click.UsageError("--password-stdin and --remove exclude each other")
     password = None if remove else _read_password(password_stdin, "New password")
-    with _factory(config_file, data_dir)() as session:
-        try:
-            auth.set_password(session, name, password, actor=audit.cli_actor())
-        except auth.AuthError as exc:
-            raise click.ClickException(str(exc)) from exc
-        session.commit()
+    _change(config_file, data_dir,
+            lambda session, actor: auth.set_password(session, name, password, actor=actor))
     click.echo(f"password of {name} {'removed' if remove else 'changed'}; "
                "their dashboard sessions ended")
 
@@ -154,14 +167,10 @@ def users_password(config_file: Path | None, data_dir: Path | None, name: str,
 @click.argument("name")
 def users_disable(config_file: Path | None, data_dir: Path | None, name: str) -> None:
     """Disable user NAME: refused from now on, tokens revoked, sessions ended."""
-    from service import audit, auth
+    from service import auth
 
-    with _factory(config_file, data_dir)() as session:
-        try:
-            auth.disable_user(session, name, actor=audit.cli_actor())
-        except auth.AuthError as exc:
-            raise click.ClickException(str(exc)) from exc
-        session.commit()
+    _change(config_file, data_dir,
+            lambda session, actor: auth.disable_user(session, name, actor=actor))
     click.echo(f"user {name} disabled; their tokens are revoked and sessions ended")
 
 
@@ -171,14 +180,10 @@ def users_disable(config_file: Path | None, data_dir: Path | None, name: str) ->
 @click.argument("name")
 def users_enable(config_file: Path | None, data_dir: Path | None, name: str) -> None:
     """Enable disabled user NAME again (revoked tokens stay revoked)."""
-    from service import audit, auth
+    from service import auth
 
-    with _factory(config_file, data_dir)() as session:
-        try:
-            auth.enable_user(session, name, actor=audit.cli_actor())
-        except auth.AuthError as exc:
-            raise click.ClickException(str(exc)) from exc
-        session.commit()
+    _change(config_file, data_dir,
+            lambda session, actor: auth.enable_user(session, name, actor=actor))
     click.echo(f"user {name} enabled")
 
 
@@ -201,17 +206,16 @@ def tokens_create(config_file: Path | None, data_dir: Path | None, user: str, la
     Only its SHA-256 is kept: copy it now. Use it as
     ``Authorization: Bearer <token>``.
     """
-    from service import audit, auth
+    from service import auth
 
-    with _factory(config_file, data_dir)() as session:
-        try:
-            row, token = auth.create_token(
-                session, user, actor=audit.cli_actor(), label=label,
-                expires_in=timedelta(days=expires_days) if expires_days else None)
-        except auth.AuthError as exc:
-            raise click.ClickException(str(exc)) from exc
-        session.commit()
-        token_id, expires = row.id, row.expires_at
+    def create(session: Session, actor: str) -> tuple[int, datetime | None, str]:
+        row, token = auth.create_token(
+            session, user, actor=actor, label=label,
+            expires_in=timedelta(days=expires_days) if expires_days else None)
+        session.flush()
+        return row.id, row.expires_at, token
+
+    token_id, expires, token = _change(config_file, data_dir, create)
     click.echo(token)
     click.echo(f"token {token_id} for {user} created"
                f"{f', expires {_when(expires)}' if expires else ''}; it is shown only now",
@@ -257,16 +261,12 @@ def tokens_list(config_file: Path | None, data_dir: Path | None,
 def tokens_revoke(config_file: Path | None, data_dir: Path | None,
                   token_ids: tuple[int, ...]) -> None:
     """Revoke tokens TOKEN_IDS (the ids of ``radnode tokens list``), from the next request."""
-    from service import audit, auth
+    from service import auth
 
-    done = []
-    with _factory(config_file, data_dir)() as session:
-        for token_id in token_ids:
-            try:
-                row = auth.revoke_token(session, token_id, actor=audit.cli_actor())
-            except auth.AuthError as exc:  # nothing is revoked: all or none
-                raise click.ClickException(str(exc)) from exc
-            done.append(f"token {token_id} (rn_{row.prefix}_…) of {row.user.name} revoked")
-        session.commit()
-    for line in done:
+    def revoke(session: Session, actor: str) -> list[str]:  # all or none
+        rows = [auth.revoke_token(session, token_id, actor=actor) for token_id in token_ids]
+        return [f"token {row.id} (rn_{row.prefix}_…) of {row.user.name} revoked"
+                for row in rows]
+
+    for line in _change(config_file, data_dir, revoke):
         click.echo(line)
