@@ -61,3 +61,7 @@ def test_data_dir() -> Path:
 def ct_series_dir(test_data_dir: Path) -> Path:
     """The TCIA pancreas CT series: 134 axial 512x512 slices, 3 mm."""
     return _require_dir(test_data_dir / "ct_abdomen_pancreas_tcia", "pancreas CT series")
+
+
+# The machine's PostgreSQL and Redis (fixtures ``postgres_url``, ``redis_broker``).
+from tests.services import postgres_url, redis_broker  # noqa: E402, F401

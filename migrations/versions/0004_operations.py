@@ -27,7 +27,8 @@ _TIME = sa.DateTime(timezone=True)
 def upgrade() -> None:
     op.create_table(
         "associations",
-        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("id", sa.Integer, nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_associations"),
         sa.Column("calling_ae_title", sa.String(16), nullable=False),
         sa.Column("called_ae_title", sa.String(16), nullable=False),
         sa.Column("peer_address", sa.String(64), nullable=False),
@@ -45,7 +46,8 @@ def upgrade() -> None:
 
     op.create_table(
         "audit_events",
-        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("id", sa.Integer, nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_audit_events"),
         sa.Column("at", _TIME, nullable=False),
         sa.Column("actor", sa.String(120), nullable=False),
         sa.Column("action", sa.String(40), nullable=False),
@@ -73,7 +75,8 @@ def upgrade() -> None:
 
     op.create_table(
         "workers",
-        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("id", sa.Integer, nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_workers"),
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("queues", sa.JSON, nullable=False),
         sa.Column("device", sa.String(40), nullable=False),

@@ -29,7 +29,8 @@ _TIME = sa.DateTime(timezone=True)
 def upgrade() -> None:
     op.create_table(
         "users",
-        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("id", sa.Integer, nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_users"),
         sa.Column("name", sa.String(64), nullable=False),
         sa.Column("role", sa.String(16), nullable=False),
         sa.Column("password_hash", sa.String(255), nullable=True),
@@ -39,7 +40,8 @@ def upgrade() -> None:
     )
     op.create_table(
         "api_tokens",
-        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("id", sa.Integer, nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_api_tokens"),
         sa.Column("user_id", sa.Integer,
                   sa.ForeignKey("users.id", name="fk_api_tokens_user_id_users"),
                   nullable=False),
@@ -55,7 +57,8 @@ def upgrade() -> None:
     op.create_index("ix_api_tokens_user_id", "api_tokens", ["user_id"])
     op.create_table(
         "web_sessions",
-        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("id", sa.Integer, nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_web_sessions"),
         sa.Column("user_id", sa.Integer,
                   sa.ForeignKey("users.id", name="fk_web_sessions_user_id_users"),
                   nullable=False),

@@ -26,7 +26,8 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "deid_mappings",
-        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("id", sa.Integer, nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_deid_mappings"),
         sa.Column("scope", sa.String(64), nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
         sa.Column("original", sa.String(128), nullable=False),
