@@ -121,22 +121,63 @@ def serve(config_file: Path | None, ae_title: str | None, host: str | None, port
 
 @main.command()
 @config_option
-@click.option("--queues", help="Comma-separated queues to consume [gpu].")
-@click.option("--concurrency", type=int, help="Worker processes [1]; one per GPU.")
-def worker(config_file: Path | None, queues: str | None, concurrency: int | None) -> None:
-    """Run a Celery worker that analyses series (needs the worker extras: torch)."""
-    from service.node import die_with_parent
-    from workers.celery_app import run_worker
+@click.option("--queues", help="Comma-separated queues to consume [worker.queues: gpu].")
+@click.option("--concurrency", type=int,
+              help="Worker processes [worker.concurrency: 1] (CPU); with --gpus, one per GPU.")
+@click.option("--gpus", metavar="INDEX[,INDEX...]",
+              help="GPUs to use, e.g. 0,1: one worker process per GPU, pinned with "
+                   "CUDA_VISIBLE_DEVICES (needs a CUDA build of torch).")
+def worker(config_file: Path | None, queues: str | None, concurrency: int | None,
+           gpus: str | None) -> None:
+    """Run a Celery worker that analyses series (needs the worker extras: torch).
+
+    On a machine other than the node's, the node's data directory must be
+    mounted at ``data_dir`` (deploy/README.md); the worker refuses to start
+    without it, or with a database that is not at the newest revision.
+    """
+    from service.db import migrate
+    from service.node import check_shared_data_dir, die_with_parent
 
     if os.environ.get("RADNODE_PARENT_PID", "").isdigit():
         die_with_parent(int(os.environ["RADNODE_PARENT_PID"]))
+    gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else []
+    for gpu in gpu_list:
+        if not gpu.replace("-", "").isalnum():  # an index, or a GPU UUID (nvidia-smi -L)
+            raise click.BadParameter(f"{gpu!r} is not a GPU index or UUID", param_hint="--gpus")
+    if gpu_list and concurrency not in (None, 1):
+        raise click.UsageError("--gpus runs one worker process per GPU: leave out "
+                               "--concurrency")
     settings = _settings(config_file)
     configure(settings.log_level)
+    queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues \
+        else settings.worker.queues
+    try:
+        check_shared_data_dir(settings.data_dir)
+        migrate.require_head(settings.database_url)
+    except ConfigError as exc:
+        raise click.ClickException(f"cannot start the worker: {exc}") from exc
+    if len(gpu_list) > 1:
+        from service.node import supervise_gpu_workers
+
+        sys.exit(supervise_gpu_workers(config_file, queue_list, gpu_list))
+    name = "radnode-worker"
+    if gpu_list:
+        # Before anything initialises CUDA (the pool's children import torch after fork).
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_list[0]
+        if settings.worker.device.startswith("cuda:"):  # "auto" and "cuda" find it alone
+            log.info("worker.device %s: this process sees one GPU, cuda:0 (GPU %s)",
+                     settings.worker.device, gpu_list[0])
+            settings = settings.model_copy(
+                update={"worker": settings.worker.model_copy(update={"device": "cuda:0"})})
+        name, concurrency = f"radnode-gpu{gpu_list[0]}", 1
+    from workers.celery_app import run_worker
+
     run_worker(
         settings,
-        queues=queues.split(",") if queues else settings.worker.queues,
+        queues=queue_list,
         concurrency=concurrency or settings.worker.concurrency,
         loglevel=settings.log_level,
+        name=name,
     )
 
 
@@ -190,13 +231,65 @@ def db() -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(config_file: Path | None, data_dir: Path | None, revision: str) -> None:
-    """Apply Alembic migrations up to REVISION."""
+    """Apply Alembic migrations up to REVISION (run it before starting node and workers)."""
     from service.db import migrate
+    from service.db.session import describe_url
 
     settings = _settings(config_file, data_dir=data_dir)
     configure(settings.log_level)
-    migrate.upgrade(settings.database_url, revision)
-    click.echo(f"database at revision {revision}")
+    try:
+        before = migrate.current_revision(settings.database_url)
+        migrate.upgrade(settings.database_url, revision)
+        after = migrate.current_revision(settings.database_url)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"database {describe_url(settings.database_url)}: revision "
+               f"{before or '(empty)'} -> {after}"
+               f"{' (newest)' if after == migrate.head_revision() else ''}")
+
+
+@db.command("check")
+@config_option
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
+def db_check(config_file: Path | None, data_dir: Path | None) -> None:
+    """Exit 0 if the database is at the newest revision, 1 (saying why) if not."""
+    from service.db import migrate
+
+    settings = _settings(config_file, data_dir=data_dir)
+    configure("WARNING")
+    try:
+        migrate.require_head(settings.database_url)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    click.echo(f"database at revision {migrate.head_revision()} (newest)")
+
+
+@db.command("downgrade")
+@config_option
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("revision")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def db_downgrade(config_file: Path | None, data_dir: Path | None, revision: str,
+                 yes: bool) -> None:
+    """Undo migrations down to REVISION (rollback to an older radnode; back up first).
+
+    Columns and tables that later revisions added are dropped with their data.
+    """
+    from service.db import migrate
+    from service.db.session import describe_url
+
+    settings = _settings(config_file, data_dir=data_dir)
+    configure(settings.log_level)
+    if not yes:
+        click.confirm(f"downgrade {describe_url(settings.database_url)} to revision "
+                      f"{revision}? Data in newer tables and columns is lost", abort=True)
+    try:
+        migrate.downgrade(settings.database_url, revision)
+        after = migrate.current_revision(settings.database_url)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"database at revision {after or '(empty)'}")
 
 
 @main.command()
@@ -290,6 +383,24 @@ def demo(input_dir: Path | None, data_dir: Path, phantom: bool, quiet_period: fl
     configure("WARNING")
     sys.exit(run_demo(input_dir=input_dir, data_dir=data_dir, quiet_period_s=quiet_period,
                       timeout_s=timeout, phantom=phantom))
+
+
+@main.command()
+@click.option("--check", is_flag=True, help="Exit 1 if docs/conformance.md is stale.")
+@click.option("--write", is_flag=True, help="Rewrite the generated tables of the document.")
+@click.option("--path", type=click.Path(path_type=Path, dir_okay=False),
+              help="The document [docs/conformance.md of the source tree].")
+def conformance(check: bool, write: bool, path: Path | None) -> None:
+    """Print the Conformance Statement's SOP class and transfer syntax tables (from the code)."""
+    from service import conformance as statement
+
+    if check and write:
+        raise click.UsageError("--check and --write exclude each other")
+    if check or write:
+        argv = ["--check" if check else "--write"] + (["--path", str(path)] if path else [])
+        sys.exit(statement.main(argv))
+    for name, table in statement.render_tables().items():
+        click.echo(f"## {name}\n\n{table.strip()}\n")
 
 
 main.add_command(deliveries)

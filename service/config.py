@@ -32,6 +32,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from service.db.session import normalize_url
 from service.errors import ConfigError
 from service.model_spec import BUILTIN_MODELS, ModelSpec, builtin_spec, default_models
 from service.routing import Fallback, Rule, default_rules, validate_rules
@@ -529,9 +530,18 @@ class DatabaseSettings(_Section):
     """Where the node keeps its state."""
 
     #: SQLAlchemy URL; empty means SQLite at ``<data_dir>/radnode.db``.
+    #: ``postgresql://user:password@host:5432/radnode`` runs on psycopg 3.
     url: str = ""
-    #: Run Alembic migrations when ``radnode serve`` starts.
+    #: Run Alembic migrations when ``radnode serve`` starts. Production: false,
+    #: and ``radnode db upgrade`` as its own step; the node and the workers
+    #: then refuse a database that is not at the newest revision.
     auto_upgrade: bool = True
+    #: PostgreSQL connections the node keeps open (as many again may open in
+    #: a burst); null: one per SCP association thread (``dicom.max_associations``)
+    #: plus 4 for the scheduler, delivery, retention and the HTTP API.
+    pool_size: int | None = Field(default=None, ge=1)
+    #: Longest wait for a free connection of the pool, seconds.
+    pool_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class BrokerSettings(_Section):
@@ -542,6 +552,21 @@ class BrokerSettings(_Section):
     url: str = ""
     #: Start a Celery worker process next to the node (``radnode serve``).
     embedded_worker: bool = True
+    #: Queues the embedded worker consumes; null: every queue a model or
+    #: ``worker.queues`` names. With GPU workers on other machines, ``[cpu]``
+    #: keeps light models on the node and leaves ``gpu`` jobs to the GPUs.
+    embedded_worker_queues: list[str] | None = None
+    #: Prefix of every key radnode's Celery messages use in Redis, so that
+    #: several radnode installations (or other programs) can share one Redis.
+    key_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_.:-]*$")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("broker.url must be redis://HOST:PORT/DB (rediss:// with TLS); "
+                             "empty for the embedded broker")
+        return value
 
 
 class WorkerSettings(_Section):
@@ -737,8 +762,25 @@ class Settings(BaseSettings):
 
     @property
     def database_url(self) -> str:
-        """The SQLAlchemy URL in use (SQLite under ``data_dir`` by default)."""
-        return self.database.url or f"sqlite:///{(self.data_dir / 'radnode.db').resolve()}"
+        """The SQLAlchemy URL in use (SQLite under ``data_dir`` by default).
+
+        ``postgresql://`` is given as ``postgresql+psycopg://`` (psycopg 3).
+        """
+        if not self.database.url:
+            return f"sqlite:///{(self.data_dir / 'radnode.db').resolve()}"
+        return normalize_url(self.database.url)
+
+    @property
+    def database_pool_size(self) -> int:
+        """PostgreSQL pool size: ``database.pool_size``, or one per association plus 4."""
+        return self.database.pool_size or self.dicom.max_associations + 4
+
+    @property
+    def embedded_worker_queues(self) -> list[str]:
+        """Queues the embedded worker consumes (``broker.embedded_worker_queues``)."""
+        if self.broker.embedded_worker_queues is not None:
+            return list(self.broker.embedded_worker_queues)
+        return sorted({*self.worker.queues, *(m.queue for m in self.models)})
 
     @property
     def embedded_broker(self) -> bool:

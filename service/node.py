@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,11 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings, dump_settings
 from service.db import migrate, repository
 from service.db.models import Delivery
-from service.db.session import make_engine, make_session_factory, utcnow
+from service.db.session import check_connection, make_engine, make_session_factory, utcnow
 from service.delivery.dispatch import Dispatcher
 from service.errors import ConfigError
 from service.metrics import NodeMetrics
-from service.queue import broker_probe, make_celery
+from service.queue import broker_probe, describe_broker, make_celery
 from service.retention import purge_due
 from service.scheduler import Loop, Router, complete_and_route, publish_pending, sweep_jobs
 from service.scp.associations import AssociationRecorder
@@ -95,26 +96,81 @@ def private_data_dir(data_dir: Path) -> bool:
     return False
 
 
-class EmbeddedWorker:
-    """A ``radnode worker`` child process, restarted if it dies unexpectedly."""
+#: Written into the data directory by the node; a worker on another machine
+#: finds it only if the node's shared data directory is mounted there.
+DATA_DIR_MARKER = ".radnode-data-dir"
 
-    def __init__(self, settings: Settings) -> None:
-        self.config_path = settings.data_dir / "run" / "worker-config.yaml"
-        dump_settings(settings, self.config_path)
-        # The one embedded worker serves every queue a model is declared on.
-        self.queues = sorted({*settings.worker.queues, *(m.queue for m in settings.models)})
+
+def mark_data_dir(data_dir: Path) -> None:
+    """Write :data:`DATA_DIR_MARKER` into ``data_dir`` if it is not there yet."""
+    marker = data_dir / DATA_DIR_MARKER
+    if not marker.exists():
+        marker.write_text("radnode data directory: spool/ and results/ are shared with the "
+                          f"workers (written by the node on {socket.gethostname()})\n",
+                          encoding="utf-8")
+
+
+def check_shared_data_dir(data_dir: Path) -> None:
+    """Check that ``data_dir`` is the node's data directory (on a worker machine).
+
+    A worker on another machine reads the received instances from
+    ``<data_dir>/spool`` and writes SEG/SR into ``<data_dir>/results``, so the
+    node's data directory must be mounted there at the same path (NFS or
+    any shared file system; deploy/README.md).
+
+    Raises
+    ------
+    ConfigError
+        If the marker file the node writes is not there: the shared file
+        system is not mounted, or ``data_dir`` names another folder.
+    """
+    if not (data_dir / DATA_DIR_MARKER).is_file():
+        raise ConfigError(
+            f"data_dir {data_dir.resolve()} on this machine is not the node's data directory "
+            f"(no {DATA_DIR_MARKER} in it): mount the node's shared data directory at this "
+            "same path, or set data_dir to where it is mounted, and start the node at least "
+            "once (deploy/README.md, shared data directory)")
+
+
+class WorkerProcess:
+    """A ``radnode worker`` child process, restarted if it dies unexpectedly.
+
+    Parameters
+    ----------
+    config_path : pathlib.Path or None
+        The ``--config`` file of the child; the environment is inherited too.
+    queues : list of str
+        Celery queues it consumes.
+    gpu : str, optional
+        GPU index: the child runs ``--gpus <gpu>`` (one process, pinned with
+        ``CUDA_VISIBLE_DEVICES``).
+    name : str
+        Used in log lines.
+    """
+
+    def __init__(self, config_path: Path | None, queues: list[str], *, gpu: str | None = None,
+                 name: str = "embedded worker") -> None:
+        self.config_path = config_path
+        self.queues = queues
+        self.gpu = gpu
+        self.name = name
         self.process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="worker-watch", daemon=True)
 
     def _spawn(self) -> None:
-        cmd = [sys.executable, "-m", "service.cli", "worker", "--config", str(self.config_path),
-               "--queues", ",".join(self.queues)]
-        # Own session: the node decides when the worker stops (warm shutdown); and
-        # the worker asks for SIGTERM should the node be killed outright.
+        cmd = [sys.executable, "-m", "service.cli", "worker", "--queues", ",".join(self.queues)]
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
+        if self.gpu is not None:
+            cmd += ["--gpus", self.gpu]
+        # Own session: the parent decides when the worker stops (warm shutdown); and
+        # the worker asks for SIGTERM should the parent be killed outright.
         env = {**os.environ, "RADNODE_PARENT_PID": str(os.getpid())}
+        if self.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpu
         self.process = subprocess.Popen(cmd, start_new_session=True, env=env)
-        log.info("embedded worker started (pid %d)", self.process.pid)
+        log.info("%s started (pid %d)", self.name, self.process.pid)
 
     def start(self) -> None:
         """Start the worker and a thread that restarts it if it exits."""
@@ -124,7 +180,11 @@ class EmbeddedWorker:
     def _watch(self) -> None:
         while not self._stopping.wait(1.0):
             if self.process is not None and self.process.poll() is not None:
-                log.error("embedded worker exited with %s; restarting", self.process.returncode)
+                log.error("%s exited with %s; restarting", self.name, self.process.returncode)
+                try:  # its pool processes, orphaned if it was killed, hold no job of value
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except OSError:
+                    pass
                 time.sleep(2.0)
                 if not self._stopping.is_set():
                     self._spawn()
@@ -140,6 +200,47 @@ class EmbeddedWorker:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def supervise_gpu_workers(config_file: Path | None, queues: list[str],
+                          gpus: list[str]) -> int:
+    """Run one ``radnode worker --gpus <i>`` child per GPU until SIGTERM/SIGINT; return 0.
+
+    Each child is pinned to its GPU with ``CUDA_VISIBLE_DEVICES`` and restarted
+    if it dies. SIGTERM stops them all with a warm shutdown (running jobs
+    finish, or are redelivered after their lease if they do not).
+    """
+    children = [WorkerProcess(config_file, queues, gpu=gpu, name=f"GPU {gpu} worker")
+                for gpu in gpus]
+    stop = threading.Event()
+
+    def _handle(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping %d GPU workers", signum, len(children))
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handle)
+    signal.signal(signal.SIGINT, _handle)
+    for child in children:
+        child.start()
+    stop.wait()
+    stoppers = [threading.Thread(target=child.stop, kwargs={"timeout_s": 120.0})
+                for child in children]
+    for thread in stoppers:
+        thread.start()
+    for thread in stoppers:
+        thread.join()
+    return 0
+
+
+def embedded_worker(settings: Settings) -> WorkerProcess:
+    """The worker ``radnode serve`` starts beside the node (``broker.embedded_worker``).
+
+    It gets the node's effective settings (flags included) in a file under
+    ``<data_dir>/run`` and consumes ``broker.embedded_worker_queues``.
+    """
+    config_path = settings.data_dir / "run" / "worker-config.yaml"
+    dump_settings(settings, config_path)
+    return WorkerProcess(config_path, settings.embedded_worker_queues)
 
 
 #: Sections that a reload applies at once; the others need a restart.
@@ -172,7 +273,7 @@ class Node:
         self._dispatcher = Dispatcher()
         self._stop = threading.Event()
         self._loops: list[Loop] = []
-        self._worker: EmbeddedWorker | None = None
+        self._worker: WorkerProcess | None = None
         self._server: Scp | None = None
         self.store_context: StoreContext | None = None
         self.metrics: NodeMetrics | None = None
@@ -198,9 +299,14 @@ class Node:
         incoming = s.spool_dir / ".incoming"
         incoming.mkdir(exist_ok=True)
         tempfile.tempdir = str(incoming.resolve())
+        mark_data_dir(s.data_dir)
         if s.database.auto_upgrade:
             migrate.upgrade(s.database_url)
-        engine = make_engine(s.database_url)
+        else:
+            migrate.require_head(s.database_url)
+        engine = make_engine(s.database_url, pool_size=s.database_pool_size,
+                             pool_timeout_s=s.database.pool_timeout_s)
+        check_connection(engine)
         factory = make_session_factory(engine)
         with factory() as session:
             # A delivery interrupted by a stop is tried again.
@@ -213,8 +319,13 @@ class Node:
             log.info("%d series were receiving when the node stopped: their quiet period "
                      "starts again now", interrupted)
         app = make_celery(s)
+        if not s.embedded_broker:
+            reachable, detail = broker_probe(app, s)
+            if not reachable:  # jobs wait in the database until it is back
+                log.error("the broker at %s is %s; the node starts anyway and publishes jobs "
+                          "when it is back", describe_broker(app), detail)
         if s.broker.embedded_worker:
-            self._worker = EmbeddedWorker(s)
+            self._worker = embedded_worker(s)
             self._worker.start()
         interval = s.completion.check_interval_s
         # Each loop reads self.settings on every tick, so a reload applies at once.
@@ -243,7 +354,7 @@ class Node:
         log.info("radnode ready: AE %s on %s, data in %s, database %s, broker %s",
                  s.dicom.ae_title, self._server.describe(), s.data_dir,
                  engine.url.render_as_string(hide_password=True),
-                 "embedded" if s.embedded_broker else "external")
+                 "embedded" if s.embedded_broker else describe_broker(app))
 
     def _start_http(self, factory: sessionmaker[Session], app: Celery) -> None:
         from sqlalchemy import func, select

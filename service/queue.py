@@ -16,6 +16,7 @@ from time import monotonic_ns
 from typing import Any
 
 from celery import Celery
+from kombu.entity import Queue
 from kombu.exceptions import ChannelError
 from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.json import dumps, loads
@@ -29,6 +30,10 @@ ANALYSE_SERIES = "radnode.analyse_series"
 
 #: The embedded broker's URL scheme (:class:`SpoolTransport`).
 EMBEDDED_SCHEME = "radnode-spool"
+
+#: Redis message priorities (lower is served first in kombu's Redis transport).
+PRIORITY_STAT = 0
+PRIORITY_ROUTINE = 5
 
 
 class SpoolChannel(filesystem.Channel):  # type: ignore[misc]
@@ -123,10 +128,22 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     with Redis.
     """
     if not settings.embedded_broker:
-        # Redis: redeliver a job only after it could have finished.
+        # Redis: redeliver an unacknowledged job (late ack: its worker died) only
+        # after the longest job could have finished.
         longest = max([settings.worker.time_limit_s,
                        *(m.time_limit_s or 0 for m in settings.models)])
-        return settings.broker.url, {"visibility_timeout": longest * 2 + 60}
+        options: dict[str, Any] = {
+            "visibility_timeout": longest * 2 + 60,
+            # One Redis list per step; workers take the lowest step first, so a
+            # STAT message overtakes routine ones already in the broker.
+            "priority_steps": [PRIORITY_STAT, PRIORITY_ROUTINE],
+            "sep": ":",
+            "queue_order_strategy": "priority",
+            "socket_connect_timeout": 5,
+        }
+        if settings.broker.key_prefix:
+            options["global_keyprefix"] = settings.broker.key_prefix
+        return settings.broker.url, options
     root = (settings.data_dir / "broker").resolve()
     messages = root / "messages"
     processed = root / "processed"
@@ -151,7 +168,16 @@ def make_celery(settings: Settings) -> Celery:
     """
     url, options = broker_options(settings)
     app = Celery("radnode", broker=url, set_as_current=False)
+    queues = sorted({"gpu", "cpu", *settings.worker.queues, *(m.queue for m in settings.models),
+                     *(settings.broker.embedded_worker_queues or [])})
     app.conf.update(
+        # Declared, not made up on the fly: a worker asked for a queue that no
+        # model uses still starts (its queue is empty), with the name in its banner.
+        task_queues=[Queue(name, routing_key=name)  # type: ignore[no-untyped-call]
+                     for name in queues],
+        task_routes={ANALYSE_SERIES: {"queue": "gpu"}},
+        task_default_priority=PRIORITY_ROUTINE,
+        broker_connection_timeout=5,
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,
         task_serializer="json",
@@ -161,7 +187,7 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue="gpu",
-        task_create_missing_queues=True,
+        task_create_missing_queues=True,  # `radnode worker --queues` names one of its own
         task_time_limit=settings.worker.time_limit_s,
         task_soft_time_limit=max(int(settings.worker.time_limit_s * 0.9), 5),
         worker_hijack_root_logger=False,
@@ -173,12 +199,14 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def publish(app: Celery, *, task_name: str, queue: str, job_id: int,
-            time_limits: tuple[int, int] | None = None) -> None:
+            time_limits: tuple[int, int] | None = None, stat: bool = False) -> None:
     """Send "run job ``job_id``" to ``queue`` by task name.
 
     ``time_limits`` (hard, soft) in seconds override the worker's defaults
     for this job (per-model limits); Celery kills the worker process at the
     hard limit and raises ``SoftTimeLimitExceeded`` in the task at the soft one.
+    A ``stat`` job gets the broker's highest priority (Redis only; the
+    embedded broker keeps publish order, and the scheduler publishes STAT first).
 
     Raises
     ------
@@ -186,12 +214,10 @@ def publish(app: Celery, *, task_name: str, queue: str, job_id: int,
         If the broker cannot be reached; the job stays ``pending`` and is
         published again on the next scheduler tick.
     """
-    if time_limits is None:
-        app.send_task(task_name, args=[job_id], queue=queue)
-    else:
-        hard, soft = time_limits
-        app.send_task(task_name, args=[job_id], queue=queue, time_limit=hard,
-                      soft_time_limit=soft)
+    options: dict[str, Any] = {"priority": PRIORITY_STAT if stat else PRIORITY_ROUTINE}
+    if time_limits is not None:
+        options["time_limit"], options["soft_time_limit"] = time_limits
+    app.send_task(task_name, args=[job_id], queue=queue, **options)
 
 
 def broker_probe(app: Celery, settings: Settings, timeout_s: float = 2.0) -> tuple[bool, str]:
@@ -211,3 +237,13 @@ def broker_probe(app: Celery, settings: Settings, timeout_s: float = 2.0) -> tup
         return True, "reachable"
     except Exception as exc:  # any failure means not ready; say what it was
         return False, f"unreachable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def describe_broker(app: Celery) -> str:
+    """The broker's URL for logs and messages, without its password."""
+    try:
+        if str(app.conf.broker_url).startswith(EMBEDDED_SCHEME):
+            return "the embedded broker"
+        return str(app.connection_for_write().as_uri(include_password=False))
+    except Exception:  # an unparsable URL must not break the message about it
+        return "(the configured broker)"

@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from time import monotonic
 
 import pydicom
 from celery import Celery
@@ -216,6 +217,43 @@ def time_limits(settings: Settings, model_name: str) -> tuple[int, int]:
     return hard, soft if soft is not None else max(int(hard * 0.9), 5)
 
 
+class _BrokerState:
+    """Say once that the broker is down, now and then that it still is, and when it is back.
+
+    The scheduler tries to publish on every tick (every 0.5 s by default);
+    one line per tick would bury the log.
+    """
+
+    #: Seconds between reminders while the broker stays unreachable.
+    REMIND_S = 60.0
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+        self._last_said = 0.0
+
+    def failed(self, app: Celery, exc: Exception) -> None:
+        now = monotonic()
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        url = queue.describe_broker(app)
+        if self.down_since is None:
+            self.down_since = now
+            self._last_said = now
+            log.error("cannot reach the broker at %s (%s): jobs wait in the database and are "
+                      "published when it is back", url, reason)
+        elif now - self._last_said >= self.REMIND_S:
+            self._last_said = now
+            log.error("the broker at %s is still unreachable after %.0f s (%s)", url,
+                      now - self.down_since, reason)
+
+    def succeeded(self) -> None:
+        if self.down_since is not None:
+            log.info("the broker is reachable again after %.0f s", monotonic() - self.down_since)
+            self.down_since = None
+
+
+_BROKER = _BrokerState()
+
+
 def publish_pending(app: Celery, session_factory: sessionmaker[Session],
                     settings: Settings | None = None) -> int:
     """Publish ``pending`` jobs (after their rows were committed); return how many.
@@ -237,10 +275,11 @@ def publish_pending(app: Celery, session_factory: sessionmaker[Session],
             limits = time_limits(settings, job.model_name) if settings is not None else None
             try:
                 queue.publish(app, task_name=job.task_name, queue=job.queue, job_id=job.id,
-                              time_limits=limits)
+                              time_limits=limits, stat=job.priority == "stat")
             except Exception as exc:  # kombu raises several types; retried next tick
-                log.error("cannot publish job %d to queue %s: %s", job.id, job.queue, exc)
+                _BROKER.failed(app, exc)
                 break
+            _BROKER.succeeded()
             job.state = "queued"
             job.queued_at = utcnow()
             session.commit()

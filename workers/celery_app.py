@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from typing import Any
 
@@ -58,8 +59,9 @@ def create_worker_app(settings: Settings) -> Celery:
 
         factory = session_factory_for(settings)
         try:
+            # host:pid, as the workers table names this process
             return run_analysis(job_id, settings=settings, session_factory=factory,
-                                hostname=socket.gethostname())
+                                hostname=f"{socket.gethostname()}:{os.getpid()}")
         finally:
             report_status(settings, factory)  # the models it loaded, its GPU memory now
 
@@ -67,15 +69,32 @@ def create_worker_app(settings: Settings) -> Celery:
 
 
 def run_worker(settings: Settings, *, queues: list[str], concurrency: int,
-               loglevel: str = "INFO") -> None:
-    """Run a Celery worker in this process until it is stopped (SIGTERM: warm shutdown)."""
+               loglevel: str = "INFO", name: str = "radnode-worker") -> None:
+    """Run a Celery worker in this process until it is stopped (SIGTERM: warm shutdown).
+
+    Parameters
+    ----------
+    settings : Settings
+        ``worker.queues`` is replaced by ``queues`` (what the worker reports).
+    queues : list of str
+        Celery queues to consume.
+    concurrency : int
+        Pool processes (one job each at a time).
+    loglevel : str
+        Celery's log level.
+    name : str
+        Celery node name, before ``@host``; the process ID is appended so
+        that several workers on one machine have names of their own.
+    """
+    settings = settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"queues": list(queues)})})
     app = create_worker_app(settings)
     argv = [
         "worker",
         f"--loglevel={loglevel}",
         f"--queues={','.join(queues)}",
         f"--concurrency={concurrency}",
-        "--hostname=radnode-worker@%h",
+        f"--hostname={name}-{os.getpid()}@%h",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

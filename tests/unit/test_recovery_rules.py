@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import retention, scheduler
+from service import queue, retention, scheduler
 from service.config import CompletionSettings, Settings
 from service.db import repository
 from service.db.models import Delivery, Job, Result, Series
@@ -177,7 +177,8 @@ def test_published_message_carries_the_model_time_limits(
     app = FakeCelery()
     assert scheduler.publish_pending(app, session_factory, settings) == 1  # type: ignore[arg-type]
     hard = settings.worker.time_limit_s
-    assert app.limits == {"time_limit": hard, "soft_time_limit": int(hard * 0.9)}
+    assert app.limits == {"time_limit": hard, "soft_time_limit": int(hard * 0.9),
+                          "priority": queue.PRIORITY_ROUTINE}
 
 
 def _delivered_series(factory: sessionmaker[Session], spool: Path, *, sent: bool,
