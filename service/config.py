@@ -684,6 +684,16 @@ class Settings(BaseSettings):
         repeated = sorted({n for n in destination_names if destination_names.count(n) > 1})
         if repeated:
             raise ValueError(f"destinations: each name once; repeated: {', '.join(repeated)}")
+        committing = [d.name for d in self.destinations
+                      if getattr(d, "storage_commitment", False)]
+        if committing and self.dicom.aes:
+            titles = {self.dicom.ae_key(a.ae_title) for a in self.dicom.aes}
+            if self.dicom.ae_key(self.delivery.ae_title) not in titles:
+                raise ValueError(
+                    f"delivery.ae_title {self.delivery.ae_title} is not in dicom.aes, but "
+                    f"{', '.join(committing)} sends its Storage Commitment reports to that AE "
+                    "title: they would be rejected; list it in dicom.aes (with the PACS as an "
+                    "allowed caller)")
         problems = validate_rules(self.rules, self.fallback,
                                   models={spec.name for spec in self.models},
                                   destinations=set(destination_names))

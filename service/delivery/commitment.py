@@ -32,7 +32,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,7 +41,7 @@ from service.config import Destination
 from service.db.models import Delivery, Result
 from service.db.session import utcnow
 from service.deid.mapping import original_uids
-from service.dicom.net import set_tcp_nodelay
+from service.dicom.net import make_ae, set_tcp_nodelay
 from service.dicom.tls import tls_args
 from service.dicom.uids import is_valid_uid, printable
 
@@ -218,7 +218,7 @@ def request_commitment(
                   type(exc).__name__)
         return None
 
-    ae = AE(ae_title=calling_ae)
+    ae = make_ae(calling_ae)
     ae.acse_timeout = timeout_s
     ae.connection_timeout = timeout_s
     ae.dimse_timeout = timeout_s

@@ -55,7 +55,7 @@ from pynetdicom.pdu_primitives import A_ABORT
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from service.config import Destination
-from service.dicom.net import set_tcp_nodelay
+from service.dicom.net import make_ae, set_tcp_nodelay
 from service.dicom.tls import tls_args
 
 log = logging.getLogger("radnode.scu")
@@ -148,7 +148,7 @@ class _FileInfo:
 
 
 def _make_ae(calling_ae: str, response_timeout_s: float, connect_timeout_s: float) -> AE:
-    ae = AE(ae_title=calling_ae)
+    ae = make_ae(calling_ae)
     ae.acse_timeout = connect_timeout_s
     ae.connection_timeout = connect_timeout_s
     ae.dimse_timeout = response_timeout_s

@@ -63,7 +63,7 @@ from service.delivery.commitment import (
     handle_event_report,
     report_recorder,
 )
-from service.dicom.net import set_tcp_nodelay
+from service.dicom.net import make_ae, set_tcp_nodelay
 from service.dicom.tls import server_context
 from service.scp.handlers import (
     StoreContext,
@@ -123,7 +123,7 @@ def build_ae(settings: DicomSettings) -> AE:
     # Chunked receive (process-wide in pynetdicom): each C-STORE data set is
     # written to a temporary file as it arrives, never held in memory whole.
     _config.STORE_RECV_CHUNKED_DATASET = True
-    ae = AE(ae_title=settings.ae_title)
+    ae = make_ae(settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu_size
     ae.acse_timeout = settings.acse_timeout_s

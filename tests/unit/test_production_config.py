@@ -203,3 +203,15 @@ def test_worker_refuses_an_old_schema(tmp_path: Path) -> None:
     run = CliRunner().invoke(main, ["worker"], env={"RADNODE_DATA_DIR": str(data)})
     assert run.exit_code == 1
     assert "revision 0005" in run.output and "radnode db upgrade" in run.output
+
+
+def test_commitment_reports_must_reach_an_allowed_ae_title() -> None:
+    pacs = {"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104,
+            "storage_commitment": True}
+    with pytest.raises(ValueError, match=r"delivery.ae_title RADNODE_SCU is not in dicom.aes"):
+        Settings(destinations=[pacs], delivery={"ae_title": "RADNODE_SCU"},
+                 dicom={"ae_title": "RADNODE", "aes": [{"ae_title": "RADNODE"}]})
+    ok = Settings(destinations=[pacs], delivery={"ae_title": "radnode"},
+                  dicom={"ae_title": "RADNODE", "aes": [{"ae_title": "RADNODE"}]})
+    assert ok.delivery.ae_title == "radnode"  # compared without regard to case
+    Settings(destinations=[pacs], delivery={"ae_title": "RADNODE_SCU"})  # no policy: open
