@@ -227,6 +227,16 @@ def _store_result(
     return result
 
 
+def _file_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was caused by, an OS error (a file missing or unreadable)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmaker[Session],
                  hostname: str = "") -> str:
     """Run job ``job_id``: load the series, run its model, write the results.
@@ -313,6 +323,21 @@ def run_analysis(job_id: int, *, settings: Settings, session_factory: sessionmak
                 log.info("job %d was cancelled while it ran (then failed: %s)", job_id,
                          type(exc).__name__)
                 return "cancelled"
+            if _file_error(exc) and failed.attempts < settings.worker.max_attempts:
+                # The shared data directory (NFS) is unreachable from this worker, or a
+                # file went missing: queue the job again, for this or another worker.
+                failed.state = "pending"
+                failed.error = (f"{reason[:1800]} (queued again: attempt {failed.attempts} "
+                                f"of {settings.worker.max_attempts})")
+                audit.record(session, actor=f"worker:{failed.worker}", action="job.requeued",
+                             target_type="job", target_id=job_id,
+                             detail={"model": model_name, "series_instance_uid": series_uid,
+                                     "attempt": failed.attempts, "error": reason[:500]})
+                session.commit()
+                log.warning("job %d on series %s: file error on attempt %d of %d (%s); "
+                            "queued again", job_id, series_uid, failed.attempts,
+                            settings.worker.max_attempts, type(exc).__name__)
+                return "pending"
             failed.state = "failed"
             failed.error = reason[:2000]
             failed.finished_at = utcnow()

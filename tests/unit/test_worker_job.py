@@ -11,7 +11,7 @@ import pydicom
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
-from service.db.models import Delivery, Job, Result
+from service.db.models import AuditEvent, Delivery, Job, Result
 from service.dicom.phantom import write_ct_phantom
 from tests.unit.conftest import spool_series
 from workers.tasks import run_analysis
@@ -60,3 +60,33 @@ def test_series_without_geometry_fails_with_a_clear_reason(
         env={**os.environ, "COLUMNS": "400"})
     assert shown.returncode == 0, shown.stderr
     assert "failed" in shown.stdout and "VolumeError" in shown.stdout
+
+
+def test_a_file_error_queues_the_job_again_until_max_attempts(
+    tmp_path: Path, settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """A lost shared mount (the instances cannot be read) is retried, then fails."""
+    files = write_ct_phantom(tmp_path / "phantom", slices=12, rows=64, columns=64)
+    job_id = spool_series(settings, session_factory, files, destinations=["PACS@127.0.0.1:104"])
+    hidden = settings.spool_dir.rename(tmp_path / "unmounted")  # the NFS mount is gone
+    settings.spool_dir.mkdir()
+    states = [run_analysis(job_id, settings=settings, session_factory=session_factory)
+              for _ in range(settings.worker.max_attempts)]
+    assert states == ["pending"] * (settings.worker.max_attempts - 1) + ["failed"]
+    with session_factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state == "failed"
+        assert job.attempts == settings.worker.max_attempts
+        assert job.error is not None and "No such file or directory" in job.error
+        actions = [e.action for e in session.query(AuditEvent).filter_by(target_id=job_id)]
+        assert actions.count("job.requeued") == settings.worker.max_attempts - 1
+    # Mounted again: an operator's retry (a new job) runs on the same files.
+    settings.spool_dir.rmdir()
+    hidden.rename(settings.spool_dir)
+    with session_factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state, job.attempts = "pending", 0
+        session.commit()
+    assert run_analysis(job_id, settings=settings, session_factory=session_factory) \
+        == "succeeded"
