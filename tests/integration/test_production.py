@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 import yaml
@@ -154,6 +155,22 @@ def test_postgres_redis_two_workers_concurrent_senders(
                                           "where state = 'sent'")[0][0] == expected_results,
               300, "every SEG and SR delivered", *logs)
         time.sleep(2.0)  # a duplicate job or delivery would show up now
+
+        # Operations on PostgreSQL: readiness, the metrics' duration SQL, the API's queries.
+        assert _radnode(config, "users", "add", "ops", "--role", "admin",
+                        "--no-password").returncode == 0
+        token = _radnode(config, "tokens", "create", "ops").stdout.strip()
+        auth = {"Authorization": f"Bearer {token}"}
+        api = f"http://127.0.0.1:{http_port}"
+        ready = httpx.get(f"{api}/readyz", headers=auth, timeout=30)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["broker"]["ok"]
+        metrics = httpx.get(f"{api}/metrics", headers=auth, timeout=30).text
+        assert 'radnode_job_duration_seconds_count{model="radnode-builtin-ct"} 6.0' in metrics
+        assert 'radnode_hop_seconds_count{hop="started_to_encoded"} 6.0' in metrics
+        assert "radnode_scrape_errors_total 0.0" in metrics
+        studies = httpx.get(f"{api}/api/v1/studies", headers=auth, timeout=30).json()
+        assert studies["total"] == len(series_uids)  # the phantom gives each series a study
 
         jobs = _rows(postgres_url, "select s.series_instance_uid, j.state, j.attempts, j.worker "
                                    "from jobs j join series s on s.id = j.series_id")
