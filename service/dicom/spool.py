@@ -81,22 +81,29 @@ def write_temporary(target: Path, data: bytes) -> Path:
 
 
 def adopt(received: Path, target: Path) -> Path:
-    """Take over a file received elsewhere as a fsynced temporary file beside ``target``.
+    """Make a file received elsewhere durable, ready to be renamed onto ``target``.
 
-    The file is renamed when it is on the same file system (the node points
-    pynetdicom's temporary files at ``<spool>/.incoming``), else copied.
+    On the spool's file system (the node points pynetdicom's temporary files
+    at ``<spool>/.incoming``) the received file itself is fsynced and
+    returned: :func:`move_into_place` then renames it across directories,
+    which is atomic on one file system, and no extra file is created (each
+    creation and rename is a journal entry that a later fsync waits for).
+    Elsewhere it is copied into a fsynced temporary file beside ``target``.
 
     Returns
     -------
     pathlib.Path
-        The temporary file (``.incoming-*.tmp``); hand it to
-        :func:`move_into_place`, or delete it.
+        The file to hand to :func:`move_into_place`, or to delete.
 
     Raises
     ------
     OSError
-        If it can be neither renamed nor copied; nothing is left behind.
+        If it can be neither fsynced nor copied; nothing is left behind.
     """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if received.stat().st_dev == target.parent.stat().st_dev:
+        _fsync_file(received)
+        return received
     with _temporary_beside(target) as temporary:
         try:
             os.replace(received, temporary)
