@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from importlib.metadata import PackageNotFoundError, version
+from typing import cast
 
 from pynetdicom import AE, evt
 
@@ -44,11 +45,54 @@ def set_tcp_nodelay(event: evt.Event) -> None:
 
     DIMSE messages are small and answered one at a time; with Nagle on, each
     response can wait for the peer's delayed ACK (~40 ms on Linux). dcmtk
-    does the same when ``TCP_NODELAY`` is set in its environment.
+    does the same when ``TCP_NODELAY`` is set in its environment. On an
+    accepted plain TCP association the socket is also wrapped in
+    :class:`QuickAckSocket`, for senders that keep Nagle on.
     """
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
+    transport = event.assoc.dul.socket
+    sock = transport.socket if transport is not None else None
+    if transport is None or sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return  # not a TCP socket (tests with socket pairs) or already closed
+    # Receiving: acknowledge at once, so a sender that keeps Nagle on is not stalled.
+    if event.assoc.is_acceptor and type(sock) is socket.socket and _HAS_QUICKACK:
+        transport.socket = cast(socket.socket, QuickAckSocket(sock))
+
+
+_HAS_QUICKACK = hasattr(socket, "TCP_QUICKACK")  # Linux
+
+
+class QuickAckSocket:
+    """A TCP socket that sets ``TCP_QUICKACK`` before every read (Linux).
+
+    A sender with Nagle's algorithm on (dcmtk's default) holds back the
+    small last segment of a PDU until the previous one is acknowledged, and
+    Linux delays that ACK by up to 40 ms when it has nothing to send back:
+    every DIMSE message then stalls ~40 ms. ``TCP_QUICKACK`` makes the
+    kernel acknowledge at once; it is not permanent (the kernel leaves
+    quick-ack mode on its own), so it is set again before each read.
+    Everything else is the wrapped socket's, so pynetdicom's transport uses
+    it unchanged (``select`` takes its ``fileno``).
+
+    Parameters
+    ----------
+    sock : socket.socket
+        The connected TCP socket of an accepted association.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """``socket.recv`` after re-arming ``TCP_QUICKACK``."""
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         except OSError:
-            pass  # not a TCP socket (tests with socket pairs) or already closed
+            pass  # closing: the read reports it
+        return self._sock.recv(bufsize, flags)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
