@@ -501,6 +501,39 @@ def markdown(tables: dict[str, list[list[str]]], notes: list[str]) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def durability_pairs(series: list[Series], work: Path, pairs: int) -> None:
+    """Paired runs, fsync on and off back to back, alternating the order; print the ratios.
+
+    On a shared machine the speed drifts by more than what fsync costs; a
+    ratio of two runs seconds apart cancels most of the drift, and the
+    median of the ratios is the figure.
+    """
+    if EATMYDATA is None:
+        raise SystemExit("eatmydata not found: apt-get install eatmydata")
+    on = Case("main", Radnode, "radnode", "RADNODE", True)
+    off = Case("main", RadnodeNoFsync, "radnode, fsync off (eatmydata)", "RADNODE", True)
+    print(f"\ndurability cost: {pairs} pairs per series, TCP_NODELAY=1 on both sides")
+    print(f"{'series':<12} {'fsync on (s)':>14} {'fsync off (s)':>14} {'on/off':>8}   runs on/off")
+    for s in series:
+        ratios: list[float] = []
+        runs: list[str] = []
+        seconds_on: list[float] = []
+        seconds_off: list[float] = []
+        for k in range(pairs):
+            first, second = (on, off) if k % 2 == 0 else (off, on)
+            a = run_case(first, s, work, f"d{k}a")
+            b = run_case(second, s, work, f"d{k}b")
+            t_on, t_off = (a, b) if first is on else (b, a)
+            seconds_on.append(t_on)
+            seconds_off.append(t_off)
+            ratios.append(t_on / t_off)
+            runs.append(f"{t_on:.2f}/{t_off:.2f}")
+        cost = statistics.median(ratios)
+        print(f"{s.name:<12} {statistics.median(seconds_on):14.2f} "
+              f"{statistics.median(seconds_off):14.2f} {cost:8.3f}   {' '.join(runs)}")
+    print("on/off: median of the pairwise ratios of seconds; 1.03 = durability costs 3 %")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -522,6 +555,10 @@ def main() -> None:
     parser.add_argument("--profile-rate", type=int, default=200)
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where receivers write [a new temporary folder]")
+    parser.add_argument("--durability", type=int, default=0, metavar="PAIRS",
+                        help="only measure what durability costs: PAIRS back-to-back runs of "
+                        "radnode with fsync and under eatmydata, per series, alternating "
+                        "which goes first; prints the median of the pairwise ratios")
     args = parser.parse_args()
 
     for tool, name in ((STORESCU, "storescu"), (STORESCP, "storescp"), (ECHOSCU, "echoscu")):
@@ -555,6 +592,10 @@ def main() -> None:
                 shutil.copy2(path, subset / path.name)
             per_table["stock"][1] = describe_series("CT 64×64", subset)
 
+        if args.durability > 0:
+            durability_pairs(series, work, args.durability)
+            print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
+            return
         cases = [c for c in build_cases(with_orthanc) if not (args.no_stock and c.table == "stock")]
         for case in cases:
             case.seconds = {s.name: [] for s in per_table[case.table]}
