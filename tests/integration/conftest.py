@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,9 +122,13 @@ class Peer:
         return {"Authorization": f"Bearer {self.token_for(role)}"}
 
 
-@pytest.fixture
-def storescp_pacs(tmp_path: Path) -> Iterator[Peer]:
-    """dcmtk storescp playing the PACS, writing what it receives to a folder."""
+@contextmanager
+def running_storescp(tmp_path: Path, *options: str) -> Iterator[Peer]:
+    """dcmtk storescp as AE ``PACS``, writing what it receives to ``tmp_path/pacs``.
+
+    ``options`` are more storescp flags (e.g. ``+uf``: unique file names, so
+    that an instance received twice is two files).
+    """
     exe = require_tool("storescp")
     folder = tmp_path / "pacs"
     folder.mkdir()
@@ -131,7 +136,7 @@ def storescp_pacs(tmp_path: Path) -> Iterator[Peer]:
     log = tmp_path / "storescp.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [exe, "-aet", "PACS", "-od", str(folder), "+xa", str(port)],
+            [exe, "-aet", "PACS", "-od", str(folder), "+xa", *options, str(port)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -139,6 +144,13 @@ def storescp_pacs(tmp_path: Path) -> Iterator[Peer]:
         yield Peer("PACS", port, folder, process, log)
     finally:
         stop(process)
+
+
+@pytest.fixture
+def storescp_pacs(tmp_path: Path) -> Iterator[Peer]:
+    """dcmtk storescp playing the PACS, writing what it receives to a folder."""
+    with running_storescp(tmp_path) as peer:
+        yield peer
 
 
 def start_node(tmp_path: Path, *extra: str, quiet_period: float = 2.0,

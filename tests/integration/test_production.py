@@ -31,6 +31,7 @@ from tests.integration.conftest import (
     Peer,
     free_port,
     require_tool,
+    running_storescp,
     stop,
     wait_for_port,
 )
@@ -76,20 +77,8 @@ def _wait(condition: object, timeout_s: float, what: str, *logs: Path) -> None:
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[Peer]:
     """dcmtk storescp with unique file names: a duplicate delivery is a second file."""
-    exe = require_tool("storescp")
-    folder = tmp_path / "pacs"
-    folder.mkdir()
-    port = free_port()
-    log = tmp_path / "storescp.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([exe, "-aet", "PACS", "-od", str(folder), "+uf", "+xa",
-                                    str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        wait_for_port(port, process)
-        yield Peer("PACS", port, folder, process, log)
-    finally:
-        stop(process)
+    with running_storescp(tmp_path, "+uf") as peer:
+        yield peer
 
 
 def test_postgres_redis_two_workers_concurrent_senders(
