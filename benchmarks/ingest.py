@@ -501,6 +501,76 @@ def markdown(tables: dict[str, list[list[str]]], notes: list[str]) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def copy_with_new_uids(source: Path, folder: Path, copies: int) -> list[Series]:
+    """``copies`` copies of the series in ``source``, each with new Study/Series/SOP UIDs."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    out = []
+    for k in range(copies):
+        target = folder / f"copy-{k}"
+        target.mkdir(parents=True)
+        study, series_uid = generate_uid(), generate_uid()
+        for path in sorted(source.glob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.save_as(target / path.name, enforce_file_format=True)
+        out.append(describe_series(f"copy {k}", target))
+    return out
+
+
+def send_concurrent(receiver: Receiver, series: list[Series]) -> float:
+    """Send each series with its own storescu (TCP_NODELAY=1), all at once; return seconds."""
+    assert STORESCU is not None
+    start = time.perf_counter()
+    senders = [subprocess.Popen([STORESCU, "-aet", CALLING_AE, "-aec", receiver.aet, "+sd",
+                                 "+sp", "*.dcm", "127.0.0.1", str(receiver.port), str(s.folder)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=dcmtk_env(True)) for s in series]
+    codes = [p.wait() for p in senders]
+    seconds = time.perf_counter() - start
+    if any(codes):
+        raise BenchmarkError(f"storescu → {receiver.label} exited with {codes}")
+    total = sum(s.count for s in series)
+    got = receiver.wait_for(total)
+    if got != total:
+        raise BenchmarkError(f"{receiver.label} holds {got} of {total} instances")
+    return seconds
+
+
+def concurrent_associations(source: Path, work: Path, senders: int, repeats: int,
+                            with_orthanc: bool) -> None:
+    """Aggregate instances/s of ``senders`` storescu sending distinct copies at once."""
+    copies = copy_with_new_uids(source, work / "concurrent", senders)
+    total = sum(s.count for s in copies)
+    size = sum(s.size_bytes for s in copies)
+    receivers: list[tuple[type[Receiver], str, str]] = [
+        (Radnode, "radnode", "RADNODE"), (Storescp, "storescp", "STORESCP")]
+    if with_orthanc:
+        receivers.append((Orthanc, "Orthanc", "ORTHANC"))
+    seconds: dict[str, list[float]] = {label: [] for _, label, _ in receivers}
+    for rep in range(repeats):
+        for cls, label, aet in receivers:
+            receiver = cls(label, aet)
+            try:
+                receiver.start(work / f"c{rep}-{aet}")
+                seconds[label].append(send_concurrent(receiver, copies))
+            finally:
+                receiver.stop()
+                shutil.rmtree(work / f"c{rep}-{aet}", ignore_errors=True)
+            print(f"  repeat {rep + 1}: {label:<10} {seconds[label][-1]:6.2f} s", flush=True)
+    base = total / statistics.median(seconds["storescp"])
+    print(f"\n{senders} concurrent storescu (TCP_NODELAY=1), {total} instances, "
+          f"{size / 1e6:.1f} MB, median of {repeats}")
+    print(f"{'receiver':<10} {'runs (s)':>28} {'median':>8} {'inst/s':>8} {'MB/s':>7} "
+          f"{'vs storescp':>12}")
+    for label, runs in seconds.items():
+        median = statistics.median(runs)
+        print(f"{label:<10} {' / '.join(f'{r:.2f}' for r in runs):>28} {median:8.2f} "
+              f"{total / median:8.0f} {size / 1e6 / median:7.1f} {total / median / base:11.2f}×")
+
+
 def durability_pairs(series: list[Series], work: Path, pairs: int) -> None:
     """Paired runs, fsync on and off back to back, alternating the order; print the ratios.
 
@@ -555,6 +625,9 @@ def main() -> None:
     parser.add_argument("--profile-rate", type=int, default=200)
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where receivers write [a new temporary folder]")
+    parser.add_argument("--concurrent", type=int, default=0, metavar="N",
+                        help="only measure N storescu sending distinct copies of the large "
+                        "series at once: aggregate instances/s against storescp's")
     parser.add_argument("--durability", type=int, default=0, metavar="PAIRS",
                         help="only measure what durability costs: PAIRS back-to-back runs of "
                         "radnode with fsync and under eatmydata, per series, alternating "
@@ -592,6 +665,11 @@ def main() -> None:
                 shutil.copy2(path, subset / path.name)
             per_table["stock"][1] = describe_series("CT 64×64", subset)
 
+        if args.concurrent > 0:
+            concurrent_associations(large_dir, work, args.concurrent, args.repeats,
+                                    with_orthanc)
+            print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
+            return
         if args.durability > 0:
             durability_pairs(series, work, args.durability)
             print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
