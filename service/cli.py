@@ -35,6 +35,11 @@ def _settings(config_file: Path | None, **overrides: Any) -> Settings:
         raise click.ClickException(str(exc)) from exc
 
 
+def _comma_list(value: str | None) -> list[str]:
+    """``"a, b,"`` → ``["a", "b"]``; None or empty → ``[]``."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
 def _destination(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
     try:
         if isinstance(value, tuple):
@@ -140,7 +145,7 @@ def worker(config_file: Path | None, queues: str | None, concurrency: int | None
 
     if os.environ.get("RADNODE_PARENT_PID", "").isdigit():
         die_with_parent(int(os.environ["RADNODE_PARENT_PID"]))
-    gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else []
+    gpu_list = _comma_list(gpus)
     for gpu in gpu_list:
         if not gpu.replace("-", "").isalnum():  # an index, or a GPU UUID (nvidia-smi -L)
             raise click.BadParameter(f"{gpu!r} is not a GPU index or UUID", param_hint="--gpus")
@@ -149,8 +154,7 @@ def worker(config_file: Path | None, queues: str | None, concurrency: int | None
                                "--concurrency")
     settings = _settings(config_file)
     configure(settings.log_level)
-    queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues \
-        else settings.worker.queues
+    queue_list = _comma_list(queues) or settings.worker.queues
     try:
         check_shared_data_dir(settings.data_dir)
         migrate.require_head(settings.database_url)

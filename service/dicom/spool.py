@@ -7,7 +7,6 @@ becomes part of a path, so nothing can be written outside the spool.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
@@ -104,13 +103,8 @@ def adopt(received: Path, target: Path) -> Path:
     if received.stat().st_dev == target.parent.stat().st_dev:
         _fsync_file(received)
         return received
-    with _temporary_beside(target) as temporary:
-        try:
-            os.replace(received, temporary)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            shutil.copyfile(received, temporary)
+    with _temporary_beside(target) as temporary:  # another file system: a rename cannot
+        shutil.copyfile(received, temporary)
         _fsync_file(temporary)
     return temporary
 

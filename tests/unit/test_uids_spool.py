@@ -116,3 +116,32 @@ def test_write_durably_failure_when_parent_is_a_file(tmp_path: Path) -> None:
         spool.write_durably(blocker / "1.2" / "1.2.3.dcm", b"data")
     assert blocker.read_bytes() == b"not a folder"
     assert _temp_files(tmp_path) == []
+
+
+def test_adopt_on_the_spool_file_system_keeps_the_received_file(tmp_path: Path) -> None:
+    received = tmp_path / ".incoming" / "tmpabc.dcm"
+    received.parent.mkdir()
+    received.write_bytes(b"DICM instance")
+    target = tmp_path / "study" / "series" / "sop.dcm"
+    adopted = spool.adopt(received, target)
+    assert adopted == received  # no second file is created beside the target
+    assert list(target.parent.iterdir()) == []
+    spool.move_into_place(adopted, target, root=tmp_path)
+    assert target.read_bytes() == b"DICM instance"
+    assert not received.exists()
+
+
+def test_adopt_from_another_file_system_copies(tmp_path: Path) -> None:
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system (/dev/shm) on this machine")
+    received = other / f"radnode-test-{generate_uid()}.dcm"
+    received.write_bytes(b"DICM instance")
+    try:
+        target = tmp_path / "series" / "sop.dcm"
+        adopted = spool.adopt(received, target)
+        assert adopted.parent == target.parent and adopted.name.startswith(".incoming-")
+        spool.move_into_place(adopted, target)
+        assert target.read_bytes() == b"DICM instance"
+    finally:
+        received.unlink(missing_ok=True)
