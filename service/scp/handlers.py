@@ -249,18 +249,16 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
     in_place = False
     try:
         with context.session_factory() as session:
-            # Fast path for a duplicate; a concurrent one is caught by the insert below.
-            if repository.instance_exists(sop_instance_uid, session=session):
-                repository.count_duplicate(sop_instance_uid, session=session)
-                session.commit()
-                context.touch(event, fields.series_uid)
-                log.info("duplicate SOP Instance UID %s from AE %s: kept the first copy",
-                         sop_instance_uid, calling_ae)
-                return SUCCESS
-            session.rollback()
             size = received.stat().st_size
             if not context.has_room_for(size):
+                if _count_if_duplicate(sop_instance_uid, session):
+                    context.touch(event, fields.series_uid)
+                    log.info("duplicate SOP Instance UID %s from AE %s: kept the first copy",
+                             sop_instance_uid, calling_ae)
+                    return SUCCESS  # nothing new to write
                 return _status(OUT_OF_RESOURCES, "spool below its free-space reserve")
+            # A duplicate is found by the insert below: no query before it, since
+            # duplicates are rare and every statement costs CPU on every instance.
             temporary = spool.adopt(received, target)
             new = repository.record_instance(
                 session=session,
@@ -295,12 +293,21 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
             temporary.unlink(missing_ok=True)  # gone already if it was renamed
     context.touch(event, fields.series_uid)
     if not new:
-        log.info("duplicate SOP Instance UID %s from AE %s (concurrent): kept the first copy",
+        log.info("duplicate SOP Instance UID %s from AE %s: kept the first copy",
                  sop_instance_uid, calling_ae)
     else:
         log.debug("stored %s (series %s) from AE %s", sop_instance_uid, fields.series_uid,
                   calling_ae)
     return SUCCESS
+
+
+def _count_if_duplicate(sop_instance_uid: str, session: Session) -> bool:
+    """Count (and commit) one more arrival if the instance is stored already."""
+    if not repository.instance_exists(sop_instance_uid, session=session):
+        return False
+    repository.count_duplicate(sop_instance_uid, session=session)
+    session.commit()
+    return True
 
 
 def _called_ae(event: evt.Event) -> str:
@@ -353,6 +360,7 @@ def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
         raise InvalidInstanceError(
             "SOP Class differs from the presentation context", DATASET_DOES_NOT_MATCH_SOP_CLASS)
     with received.open("rb") as handle:  # one open for the three reads
+        spool.start_writeback(handle.fileno())  # overlaps the checks below
         handle.seek(dataset_offset(handle))
         check_complete(handle, event.context.transfer_syntax)
         handle.seek(0)

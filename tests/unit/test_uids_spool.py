@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,20 @@ def test_adopt_from_another_file_system_copies(tmp_path: Path) -> None:
         assert target.read_bytes() == b"DICM instance"
     finally:
         received.unlink(missing_ok=True)
+
+
+def test_start_writeback_accepts_a_read_only_descriptor(tmp_path: Path) -> None:
+    path = tmp_path / "received.dcm"
+    path.write_bytes(b"\0" * 300_000)
+    if sys.platform.startswith("linux"):
+        assert spool._sync_file_range() is not None  # found in the C library
+    with path.open("rb") as handle:
+        spool.start_writeback(handle.fileno())
+        os.fdatasync(handle.fileno())
+    assert path.read_bytes() == b"\0" * 300_000
+
+
+def test_start_writeback_ignores_a_closed_descriptor(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "x", os.O_CREAT | os.O_WRONLY)
+    os.close(fd)
+    spool.start_writeback(fd)  # only a hint: never raises
