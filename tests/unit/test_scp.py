@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,7 +30,7 @@ from service.db import migrate
 from service.db.models import Instance, Series
 from service.db.session import make_engine, make_session_factory
 from service.scp.handlers import StoreContext
-from service.scp.server import start_scp
+from service.scp.server import AcceptorContexts, build_ae, start_scp
 from tests.unit.dicom_factory import make_ct_dataset
 
 # The refused data sets carry invalid UIDs on purpose; pydicom warns when encoding them.
@@ -271,3 +273,45 @@ def test_no_patient_data_in_logs(node: Node, caplog: pytest.LogCaptureFixture) -
         assert "SECRET" not in text, record.name
     assert "SECRET" not in caplog.text
 
+
+
+def test_acceptor_contexts_deep_copy_is_equal_and_independent() -> None:
+    ae = build_ae(DicomSettings())
+    contexts = AcceptorContexts(ae.supported_contexts)
+    copied = copy.deepcopy(contexts)
+    generic = copy.deepcopy(list(ae.supported_contexts))
+    assert len(copied) == len(generic) > 100
+    for fast, slow, original in zip(copied, generic, contexts, strict=True):
+        assert type(fast) is PresentationContext
+        assert fast is not original
+        assert vars(fast) == vars(slow)
+        assert fast.transfer_syntax is not original.transfer_syntax
+    # Negotiation changes a copy (its result, roles, transfer syntaxes), never the server's.
+    copied[1].result = 0x00
+    copied[1].transfer_syntax = [ExplicitVRLittleEndian]
+    assert contexts[1].result is None
+    assert len(contexts[1].transfer_syntax) > 1
+
+
+def test_listener_hands_out_acceptor_contexts(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'radnode.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    port = free_port()
+    scp = start_scp(DicomSettings(ae_title="RADNODE", host="127.0.0.1", port=port),
+                    StoreContext(tmp_path / "spool", make_session_factory(engine)))
+    try:
+        (listener,) = scp.listeners.values()
+        assert isinstance(listener.contexts, AcceptorContexts)
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", port, ae_title="RADNODE")
+        assert assoc.is_established
+        (accepted,) = assoc.accepted_contexts
+        assert accepted.transfer_syntax == [ExplicitVRLittleEndian]  # the SCP's preference
+        assoc.release()
+        # What the association negotiated did not change what the listener offers.
+        assert all(context.result is None for context in listener.contexts)
+    finally:
+        scp.shutdown()
+        engine.dispose()
