@@ -315,3 +315,28 @@ def test_listener_hands_out_acceptor_contexts(tmp_path: Path) -> None:
     finally:
         scp.shutdown()
         engine.dispose()
+
+
+def test_below_the_reserve_a_held_copy_is_still_answered_success(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'radnode.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    context = StoreContext(tmp_path / "spool", factory)
+    port = free_port()
+    scp = start_scp(DicomSettings(ae_title="RADNODE", host="127.0.0.1", port=port), context)
+    try:
+        held = make_ct_dataset()
+        assert [status_of(r) for r in send(port, [held])] == [0x0000]
+        context.min_free_bytes = 1 << 60  # no disk has that much free: below the reserve
+        fresh = make_ct_dataset()
+        statuses = [status_of(r) for r in send(port, [held, fresh])]
+        assert statuses == [0x0000, 0xA700]  # the duplicate writes nothing; the new one is refused
+        with factory() as session:
+            rows = {row.sop_instance_uid: row for row in session.scalars(select(Instance))}
+        assert set(rows) == {held.SOPInstanceUID}
+        assert rows[held.SOPInstanceUID].duplicates == 1
+        assert not any(p.name.startswith(fresh.SOPInstanceUID) for p in tmp_path.rglob("*.dcm"))
+    finally:
+        scp.shutdown()
+        engine.dispose()
