@@ -6,6 +6,7 @@ import copy
 import logging
 import socket
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,14 +294,24 @@ def test_acceptor_contexts_deep_copy_is_equal_and_independent() -> None:
     assert len(contexts[1].transfer_syntax) > 1
 
 
-def test_listener_hands_out_acceptor_contexts(tmp_path: Path) -> None:
+@contextmanager
+def _own_scp(tmp_path: Path) -> Iterator[tuple[int, Any, StoreContext]]:
+    """A fresh SCP on its own database: ``(port, scp, context)``."""
     url = f"sqlite:///{tmp_path / 'radnode.db'}"
     migrate.upgrade(url)
     engine = make_engine(url)
+    context = StoreContext(tmp_path / "spool", make_session_factory(engine))
     port = free_port()
-    scp = start_scp(DicomSettings(ae_title="RADNODE", host="127.0.0.1", port=port),
-                    StoreContext(tmp_path / "spool", make_session_factory(engine)))
+    scp = start_scp(DicomSettings(ae_title="RADNODE", host="127.0.0.1", port=port), context)
     try:
+        yield port, scp, context
+    finally:
+        scp.shutdown()
+        engine.dispose()
+
+
+def test_listener_hands_out_acceptor_contexts(tmp_path: Path) -> None:
+    with _own_scp(tmp_path) as (port, scp, _):
         (listener,) = scp.listeners.values()
         assert isinstance(listener.contexts, AcceptorContexts)
         ae = AE(ae_title="SCU")
@@ -312,31 +323,18 @@ def test_listener_hands_out_acceptor_contexts(tmp_path: Path) -> None:
         assoc.release()
         # What the association negotiated did not change what the listener offers.
         assert all(context.result is None for context in listener.contexts)
-    finally:
-        scp.shutdown()
-        engine.dispose()
 
 
 def test_below_the_reserve_a_held_copy_is_still_answered_success(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'radnode.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    factory = make_session_factory(engine)
-    context = StoreContext(tmp_path / "spool", factory)
-    port = free_port()
-    scp = start_scp(DicomSettings(ae_title="RADNODE", host="127.0.0.1", port=port), context)
-    try:
+    with _own_scp(tmp_path) as (port, _, context):
         held = make_ct_dataset()
         assert [status_of(r) for r in send(port, [held])] == [0x0000]
         context.min_free_bytes = 1 << 60  # no disk has that much free: below the reserve
         fresh = make_ct_dataset()
         statuses = [status_of(r) for r in send(port, [held, fresh])]
         assert statuses == [0x0000, 0xA700]  # the duplicate writes nothing; the new one is refused
-        with factory() as session:
+        with context.session_factory() as session:
             rows = {row.sop_instance_uid: row for row in session.scalars(select(Instance))}
         assert set(rows) == {held.SOPInstanceUID}
         assert rows[held.SOPInstanceUID].duplicates == 1
         assert not any(p.name.startswith(fresh.SOPInstanceUID) for p in tmp_path.rglob("*.dcm"))
-    finally:
-        scp.shutdown()
-        engine.dispose()
