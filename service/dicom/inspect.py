@@ -5,14 +5,27 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from typing import BinaryIO
+from collections.abc import Iterable
+from typing import BinaryIO, cast
 
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
+from pydicom.fileutil import read_undefined_length_value
+from pydicom.tag import BaseTag, SequenceDelimiterTag
 from pydicom.uid import UID
 
 from service.errors import InvalidInstanceError
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+#: Specific Character Set: pydicom always reads it along with the tags asked for.
+SPECIFIC_CHARACTER_SET = 0x00080005
+#: Pixel Data, Float and Double Float Pixel Data: ``dcmread(stop_before_pixels=True)``
+#: stops at the first of these (pydicom 3 ``filereader._at_pixel_data``).
+PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+
+_Element = RawDataElement | DataElement
 
 
 def check_complete(data: bytes | BinaryIO, transfer_syntax: UID) -> None:
@@ -38,26 +51,137 @@ def check_complete(data: bytes | BinaryIO, transfer_syntax: UID) -> None:
         With status 0xC000 when the data set ends inside an element, has bytes
         after its last element, or cannot be inflated.
     """
+    stream, _, _ = _dataset_stream(data, transfer_syntax)
+    _walk(stream, transfer_syntax, frozenset())
+
+
+def check_complete_and_read(data: bytes | BinaryIO, transfer_syntax: UID,
+                            tags: Iterable[int]) -> Dataset | None:
+    """Check a data set as :func:`check_complete` does and return some of its elements.
+
+    One walk over the top-level elements (DICOM PS3.5 7.1) both checks that
+    they cover the data set exactly and keeps the raw elements of ``tags``,
+    so reading a few attributes costs no second parse. The elements are kept
+    as pydicom's reader yields them and pydicom converts them when they are
+    first accessed, so each has the value and the VR that
+    ``dcmread(..., stop_before_pixels=True, specific_tags=tags)`` gives
+    (implicit VR: the VR of the data dictionary, PS3.5 6.2.2 and PS3.6 6):
+
+    * only elements before the first Pixel Data, Float Pixel Data or Double
+      Float Pixel Data are kept (the check walks on to the end);
+    * of a tag encoded more than once, the last is kept;
+    * Specific Character Set (0008,0005) is always kept and sets the data
+      set's character set (PS3.5 6.1.2.3).
+
+    Parameters
+    ----------
+    data : bytes or binary file
+        The data set as received, without File Meta, in ``transfer_syntax``;
+        a file must be positioned at the data set's first byte, which runs to
+        the end of the file.
+    transfer_syntax : pydicom.uid.UID
+        Its transfer syntax (DICOM PS3.5 10); a deflated data set (PS3.5 A.5)
+        is inflated first.
+    tags : iterable of int
+        The top-level tags to return (e.g. ``pydicom.tag.Tag("SOPInstanceUID")``).
+
+    Returns
+    -------
+    pydicom.dataset.Dataset or None
+        The elements of ``tags`` found, and Specific Character Set, not yet
+        converted (a malformed value raises when accessed, as after
+        ``dcmread``); a tag not found is absent. None for a complete data
+        set that pydicom does not read as ``transfer_syntax`` says: one that
+        starts with a group 0000 (command) element, which ``dcmread`` reads
+        apart as Implicit VR Little Endian (before inflating; likewise a
+        deflated data set of less than 8 bytes), or whose first element's VR field
+        does (explicit) or does not (implicit) look like a VR, where
+        ``dcmread`` reads the whole top level in the other VR encoding. The
+        caller reads such a data set with ``dcmread`` to get what it gives.
+
+    Raises
+    ------
+    InvalidInstanceError
+        With status 0xC000 when the data set ends inside an element, has bytes
+        after its last element, cannot be inflated (also: its deflate stream
+        is cut short) or its Specific Character Set cannot be read.
+    """
+    stream, head, whole = _dataset_stream(data, transfer_syntax)
+    start = stream.tell()
+    elements = _walk(stream, transfer_syntax, frozenset(tags) | {SPECIFIC_CHARACTER_SET})
+    # Before it inflates, dcmread reads group 0000 elements, and a first element header
+    # shorter than 8 bytes is consumed by that look-ahead (nothing else is read).
+    if head[:2] == b"\0\0" or 0 < len(head) < 8:
+        return None
+    if not whole:  # dcmread inflates with zlib.decompress, which refuses this
+        raise InvalidInstanceError(f"cannot parse data set: {zlib.error.__name__}", 0xC000)
+    implicit = bool(transfer_syntax.is_implicit_VR)
+    if _read_as_other_encoding(stream, start, implicit):
+        return None
+    try:
+        dataset = Dataset(elements)
+        encoding: str | list[str] = default_encoding
+        if SPECIFIC_CHARACTER_SET in elements:  # as pydicom's read_dataset does
+            charset = cast(RawDataElement, elements[BaseTag(SPECIFIC_CHARACTER_SET)])
+            encoding = convert_encodings(convert_raw_data_element(charset).value)
+        dataset.set_original_encoding(implicit, bool(transfer_syntax.is_little_endian),
+                                      encoding)
+    except Exception as exc:  # pydicom raises several types on malformed values
+        raise InvalidInstanceError(f"cannot parse data set: {type(exc).__name__}",
+                                   0xC000) from exc
+    return dataset
+
+
+def _dataset_stream(data: bytes | BinaryIO,
+                    transfer_syntax: UID) -> tuple[BinaryIO, bytes, bool]:
+    """The data set as a seekable stream at its first byte, inflated if deflated.
+
+    Also its first 8 bytes as received and whether its deflate stream came
+    to its end (True if not deflated, or empty).
+    """
     stream: BinaryIO = io.BytesIO(data) if isinstance(data, bytes) else data
-    if transfer_syntax.is_deflated:
-        try:
-            stream = io.BytesIO(zlib.decompressobj(-zlib.MAX_WBITS).decompress(stream.read()))
-        except zlib.error as exc:
-            raise InvalidInstanceError("deflated data set cannot be inflated", 0xC000) from exc
+    if not transfer_syntax.is_deflated:
+        head = stream.read(8)
+        stream.seek(-len(head), io.SEEK_CUR)
+        return stream, head, True
+    deflated = stream.read()
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(deflated)
+    except zlib.error as exc:
+        raise InvalidInstanceError("deflated data set cannot be inflated", 0xC000) from exc
+    return io.BytesIO(inflated), deflated[:8], inflater.eof or not deflated
+
+
+def _walk(stream: BinaryIO, transfer_syntax: UID,
+          wanted: frozenset[int]) -> dict[BaseTag, _Element]:
+    """Walk the top-level elements to the end; return those of ``wanted`` before pixels."""
     start = stream.tell()
     size = stream.seek(0, io.SEEK_END)
     stream.seek(start)
     end = start
+    found: dict[BaseTag, _Element] = {}
+    collecting = bool(wanted)
     try:
+        little = bool(transfer_syntax.is_little_endian)
         for element in data_element_generator(
-            stream, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
-            defer_size=256,
+            stream, transfer_syntax.is_implicit_VR, little, defer_size=256,
         ):
+            value = element.value
             length = getattr(element, "length", UNDEFINED_LENGTH)  # parsed sequences have none
-            if (element.value is not None and length != UNDEFINED_LENGTH
-                    and isinstance(element.value, bytes) and len(element.value) != length):
+            if (value is not None and length != UNDEFINED_LENGTH
+                    and isinstance(value, bytes) and len(value) != length):
                 raise InvalidInstanceError("data set ends inside an element value", 0xC000)
             end = stream.tell()
+            if collecting:
+                tag = element.tag
+                if tag in PIXEL_DATA_TAGS:
+                    collecting = False  # dcmread(stop_before_pixels=True) reads no further
+                elif tag in wanted:
+                    if (value is None and isinstance(element, RawDataElement)
+                            and element.length != 0):  # None is also an empty value
+                        element = _read_deferred(stream, element, little)
+                    found[tag] = element
     except InvalidInstanceError:
         raise
     except Exception as exc:  # pydicom raises several types on malformed streams
@@ -65,6 +189,34 @@ def check_complete(data: bytes | BinaryIO, transfer_syntax: UID) -> None:
             f"data set cannot be parsed: {type(exc).__name__}", 0xC000) from exc
     if end != size:
         raise InvalidInstanceError("data set is truncated or has bytes after its end", 0xC000)
+    return found
+
+
+def _read_deferred(stream: BinaryIO, element: RawDataElement, little: bool) -> RawDataElement:
+    """The element with the value the walk skipped (over 256 bytes), read as pydicom would."""
+    resume = stream.tell()
+    stream.seek(element.value_tell)
+    if element.length == UNDEFINED_LENGTH:
+        value = read_undefined_length_value(stream, little, SequenceDelimiterTag)
+    else:
+        value = stream.read(element.length)  # a short read is refused after the walk
+    stream.seek(resume)
+    return element._replace(value=value)
+
+
+def _read_as_other_encoding(stream: BinaryIO, start: int, implicit: bool) -> bool:
+    """True if pydicom would read the top level in the other VR encoding.
+
+    pydicom's ``read_dataset`` takes the first element's VR field (bytes 4
+    and 5) for a VR if both are upper-case letters, else for part of an
+    implicit VR length, whatever the transfer syntax.
+    """
+    stream.seek(start)
+    head = stream.read(6)
+    if len(head) < 6:
+        return False
+    looks_implicit = not (0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B)
+    return looks_implicit != implicit
 
 
 def dataset_offset(handle: BinaryIO) -> int:

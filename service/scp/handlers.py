@@ -22,6 +22,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pynetdicom import evt
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,7 +31,7 @@ from service.db import repository
 from service.db.session import utcnow
 from service.delivery.commitment import CommitmentReport
 from service.dicom import spool
-from service.dicom.inspect import check_complete, dataset_offset
+from service.dicom.inspect import check_complete_and_read, dataset_offset
 from service.dicom.uids import printable, require_uid
 from service.errors import InvalidInstanceError
 from service.scp.associations import AssociationRecorder
@@ -335,9 +336,11 @@ def _uid_element(dataset: Dataset, keyword: str, what: str) -> str:
     return require_uid(element, what)
 
 
-#: The attributes the SCP reads from a data set; everything else stays unparsed.
-_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
-         "ImagesInAcquisition"]
+#: The attributes the SCP reads from a data set (all top level); everything else stays
+#: unparsed.
+_TAGS = frozenset(Tag(keyword) for keyword in (
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
+    "ImagesInAcquisition"))
 
 
 def _unparseable(exc: Exception) -> InvalidInstanceError:
@@ -359,12 +362,16 @@ def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
     if sop_class_uid != str(event.context.abstract_syntax):
         raise InvalidInstanceError(
             "SOP Class differs from the presentation context", DATASET_DOES_NOT_MATCH_SOP_CLASS)
-    with received.open("rb") as handle:  # one open for the three reads
+    with received.open("rb") as handle:  # one open, one walk over the elements
         spool.start_writeback(handle.fileno())  # overlaps the checks below
         handle.seek(dataset_offset(handle))
-        check_complete(handle, event.context.transfer_syntax)
-        handle.seek(0)
-        dataset = _parse(lambda: dcmread(handle, stop_before_pixels=True, specific_tags=_TAGS))
+        # The structure check keeps the elements of _TAGS as it walks past them: the
+        # values and VRs that dcmread(stop_before_pixels=True, specific_tags=...) gives.
+        dataset = check_complete_and_read(handle, event.context.transfer_syntax, _TAGS)
+        if dataset is None:  # an odd top level (group 0000, VR encoding): as dcmread reads it
+            handle.seek(0)
+            dataset = _parse(lambda: dcmread(handle, stop_before_pixels=True,
+                                             specific_tags=list(_TAGS)))
     try:
         study_uid = _uid_element(dataset, "StudyInstanceUID", "Study Instance UID")
         series_uid = _uid_element(dataset, "SeriesInstanceUID", "Series Instance UID")
