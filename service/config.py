@@ -387,6 +387,11 @@ class DicomSettings(_Section):
     #: On SIGTERM: stop accepting associations, let those in flight finish for
     #: at most this long, then abort them.
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    #: SCP processes that serve associations (:mod:`service.scp.pool`): 1 serves
+    #: them in the node's own process; N > 1 starts N child processes behind the
+    #: node's listeners, so that several senders at once use several CPU cores;
+    #: 0 means one per CPU core.
+    processes: int = Field(default=1, ge=0)
 
     @field_validator("ae_title")
     @classmethod

@@ -33,6 +33,7 @@ from service.retention import purge_due
 from service.scheduler import Loop, Router, complete_and_route, publish_pending, sweep_jobs
 from service.scp.associations import AssociationRecorder
 from service.scp.handlers import StoreContext
+from service.scp.pool import effective_processes, start_scp_pool
 from service.scp.server import Scp, start_scp
 
 if TYPE_CHECKING:
@@ -312,12 +313,7 @@ class Node:
             # A delivery interrupted by a stop is tried again.
             session.execute(update(Delivery).where(Delivery.state == "sending")
                             .values(state="pending"))
-            # A series cut off by the stop gets a full quiet period to be resent.
-            interrupted = repository.restart_completion_clock(session=session, now=utcnow())
             session.commit()
-        if interrupted:
-            log.info("%d series were receiving when the node stopped: their quiet period "
-                     "starts again now", interrupted)
         app = make_celery(s)
         if not s.embedded_broker:
             reachable, detail = broker_probe(app, s)
@@ -329,7 +325,7 @@ class Node:
             self._worker.start()
         interval = s.completion.check_interval_s
         # Each loop reads self.settings on every tick, so a reload applies at once.
-        self._loops = [
+        loops = [
             Loop("completion", lambda: (
                 complete_and_route(self.settings, factory, self._router),
                 publish_pending(app, factory, self.settings)), interval),
@@ -340,15 +336,30 @@ class Node:
                  s.retention.check_interval_s),
         ]
         if self._reload is not None:
-            self._loops.append(Loop("config", self._check_reload, 1.0))
-        for loop in self._loops:
-            loop.start()
+            loops.append(Loop("config", self._check_reload, 1.0))
         self.metrics = NodeMetrics(lambda: self.settings, factory)
-        self.store_context = StoreContext(s.spool_dir.resolve(), factory,
-                                          min_free_bytes=s.storage.min_free_mb << 20,
-                                          associations=AssociationRecorder(factory,
-                                                                           self.metrics))
-        self._server = start_scp(s.dicom, self.store_context)
+        processes = effective_processes(s.dicom)
+        if processes > 1:  # each SCP process makes its own StoreContext
+            config_path = s.data_dir / "run" / "scp-config.yaml"
+            dump_settings(s, config_path)
+            self._server = start_scp_pool(s.dicom, config_path, processes, self.metrics)
+        else:
+            self.store_context = StoreContext(s.spool_dir.resolve(), factory,
+                                              min_free_bytes=s.storage.min_free_mb << 20,
+                                              associations=AssociationRecorder(factory,
+                                                                               self.metrics))
+            self._server = start_scp(s.dicom, self.store_context)
+        # Only now can the sender resend: a series cut off by the stop gets a full quiet
+        # period from here (SCP processes take seconds to start), then the loops run.
+        with factory() as session:
+            interrupted = repository.restart_completion_clock(session=session, now=utcnow())
+            session.commit()
+        if interrupted:
+            log.info("%d series were receiving when the node stopped: their quiet period "
+                     "starts again now", interrupted)
+        self._loops = loops  # stop() joins them: only once they run
+        for loop in loops:
+            loop.start()
         if s.http.enabled:
             self._start_http(factory, app)
         log.info("radnode ready: AE %s on %s, data in %s, database %s, broker %s",
@@ -441,18 +452,7 @@ class Node:
         server = self._server
         if server is not None:
             self._server = None
-            server.shutdown()  # stops accepting and closes the listening sockets
-            deadline = time.monotonic() + self.settings.dicom.drain_timeout_s
-            # Connections that never completed association negotiation do not hold
-            # the drain (a port probe, a peer that sends nothing): they are aborted.
-            while (any(a.is_established for a in server.active_associations)
-                   and time.monotonic() < deadline):
-                time.sleep(0.1)
-            for assoc in server.active_associations:
-                if assoc.is_established:
-                    log.warning("drain timeout: aborting association with AE %s",
-                                assoc.requestor.ae_title)
-                assoc.abort()
+            server.drain(self.settings.dicom.drain_timeout_s)
         for loop in self._loops:
             loop.stop()
         if self.http is not None:

@@ -48,7 +48,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,6 +173,15 @@ class AssociationPolicy:
         self._lock = threading.Lock()
         #: Associations admitted per peer address, pruned at each request.
         self._admitted: dict[str, list[Any]] = {}
+        #: With several SCP processes (:mod:`service.scp.pool`): how many
+        #: connections of an association's peer other processes hold; they
+        #: count against ``max_associations_per_peer`` too.
+        self.elsewhere: Callable[[Any], int] | None = None
+        #: With several SCP processes: how many connections (all peers) other
+        #: processes hold; with this process's associations they count against
+        #: ``max_associations``, which the policy then checks node-wide (last).
+        self.elsewhere_all: Callable[[Any], int] | None = None
+        self.max_associations = settings.max_associations
 
     def _entry(self, policy: AePolicy) -> _Entry:
         return _Entry(policy.ae_title,
@@ -241,8 +250,26 @@ class AssociationPolicy:
         address = str(assoc.requestor.address)
         refused = self.check(str(request.called_ae_title), str(request.calling_ae_title),
                              address)
-        if refused is not None or self.max_per_peer is None:
-            return refused
+        if refused is None and self.max_per_peer is not None:
+            refused = self._admit_for_peer(assoc, address)
+        if refused is None and self.elsewhere_all is not None:
+            refused = self._admit_for_node(assoc)
+        return refused
+
+    def _admit_for_node(self, assoc: Any) -> Rejection | None:
+        """``max_associations`` across SCP processes (pynetdicom checks one process only)."""
+        assert self.elsewhere_all is not None
+        holds = self.elsewhere_all(assoc) + sum(
+            1 for a in assoc.ae.active_associations if a is not assoc)
+        if holds < self.max_associations:
+            return None
+        return Rejection(REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED,
+                         NODE_LIMIT, f"the node holds {holds} associations, "
+                         "dicom.max_associations")
+
+    def _admit_for_peer(self, assoc: Any, address: str) -> Rejection | None:
+        """``max_associations_per_peer``: count ``assoc`` against its peer if there is room."""
+        assert self.max_per_peer is not None
         with self._lock:
             for peer in list(self._admitted):
                 live = [a for a in self._admitted[peer] if _holds_slot(a)]
@@ -251,10 +278,11 @@ class AssociationPolicy:
                 else:
                     del self._admitted[peer]
             held = self._admitted.setdefault(address, [])
-            if len(held) >= self.max_per_peer:
+            holds = len(held) + (self.elsewhere(assoc) if self.elsewhere is not None else 0)
+            if holds >= self.max_per_peer:
                 return Rejection(REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION,
                                  LOCAL_LIMIT_EXCEEDED, PEER_LIMIT,
-                                 f"address {printable(address, 64)} holds {len(held)} "
+                                 f"address {printable(address, 64)} holds {holds} "
                                  f"associations, the most allowed per peer")
             held.append(assoc)
         return None

@@ -46,6 +46,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -72,6 +73,7 @@ from service.delivery.commitment import (
 )
 from service.dicom.net import make_ae, set_tcp_nodelay
 from service.dicom.tls import server_context
+from service.dicom.uids import printable
 from service.scp.handlers import (
     StoreContext,
     handle_aborted,
@@ -186,7 +188,7 @@ class _RequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        cast(DicomServer, self.server).handed_over(self.request)
+        cast(DicomServer, self.server).handed_over(self.request, assoc)
         return assoc
 
 
@@ -207,13 +209,17 @@ class DicomServer(ThreadedAssociationServer):
         Called with the reason (:data:`service.scp.policy.PEER_CONNECTIONS`,
         :data:`service.scp.policy.TLS_HANDSHAKE`) of each connection closed
         before an association request.
+    listener : {"plain", "tls"}
+        Which of the node's listeners this is.
     **kwargs
         As :class:`pynetdicom.transport.AssociationServer`.
     """
 
     def __init__(self, *args: Any, policy: AssociationPolicy,
-                 on_refused: Callable[[str], None] | None = None, **kwargs: Any) -> None:
+                 on_refused: Callable[[str], None] | None = None, listener: str = "plain",
+                 **kwargs: Any) -> None:
         self.policy = policy
+        self.listener = listener
         self.on_refused = on_refused
         self._connecting: Counter[str] = Counter()
         self._connecting_lock = threading.Lock()
@@ -258,20 +264,47 @@ class DicomServer(ThreadedAssociationServer):
             connection = self._secure(request, address)
             if connection is not None:
                 connection.settimeout(self.ae.network_timeout)
-                with self._connecting_lock:
-                    self._counted[id(connection)] = address
+                self.awaiting_association(connection, request, address)
                 super().process_request_thread(connection, client_address)
         finally:
-            if connection is None or not self.handed_over(connection):
-                self._uncount(address)
+            self.connection_done(connection, request, address)
 
-    def handed_over(self, connection: Any) -> bool:
+    def awaiting_association(self, connection: Any, request: Any, address: str) -> None:
+        """``connection`` (made from ``request``) now waits for pynetdicom's association.
+
+        Until :meth:`handed_over` it counts as a connection of ``address``
+        without an association request.
+        """
+        with self._connecting_lock:
+            self._counted[id(connection)] = address
+
+    def connection_done(self, connection: Any, request: Any, address: str) -> None:
+        """The connection's thread is done: stop counting it, unless its association did.
+
+        pynetdicom's handler returns once the association's own thread has
+        started, so this runs for every connection: ``connection`` is None if
+        the TLS handshake failed; one that got an association was uncounted
+        by :meth:`handed_over` already and is not uncounted twice.
+        """
+        if connection is None:
+            self.uncount(address)
+        else:
+            self.handed_over(connection)
+
+    def handed_over(self, connection: Any, assoc: Association | None = None) -> bool:
         """Stop counting ``connection`` here: its association now counts for the cap.
 
         Called once pynetdicom has made the association (not yet started),
         so that a connection counts either here or as an association that
         has not sent its request, never as both. Counting it twice refused a
         peer's second connection while its first association was starting.
+
+        Parameters
+        ----------
+        connection : socket.socket
+            The connection (TLS-wrapped with a TLS listener).
+        assoc : pynetdicom.association.Association, optional
+            Its association (used by :class:`service.scp.pool.ChildServer`).
 
         Returns
         -------
@@ -282,10 +315,11 @@ class DicomServer(ThreadedAssociationServer):
             address = self._counted.pop(id(connection), None)
         if address is None:
             return False
-        self._uncount(address)
+        self.uncount(address)
         return True
 
-    def _uncount(self, address: str) -> None:
+    def uncount(self, address: str) -> None:
+        """One connection of ``address`` no longer waits for its association request."""
         with self._connecting_lock:
             self._connecting[address] -= 1
             if self._connecting[address] <= 0:
@@ -371,6 +405,89 @@ class Scp:
             if server.is_listening:
                 server.shutdown()
 
+    def drain(self, timeout_s: float) -> None:
+        """Stop accepting, let established associations finish, abort them after ``timeout_s``.
+
+        Connections that never completed association negotiation do not hold
+        the drain (a port probe, a peer that sends nothing): they are aborted.
+        Whatever an aborted association had stored and acknowledged is on
+        disk and recorded.
+        """
+        self.shutdown()  # stops accepting and closes the listening sockets
+        deadline = time.monotonic() + timeout_s
+        while (any(a.is_established for a in self.active_associations)
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        for assoc in self.active_associations:
+            if assoc.is_established:
+                log.warning("drain timeout: aborting association with AE %s",
+                            printable(assoc.requestor.ae_title, 16))
+            assoc.abort()
+
+
+def scp_handlers(context: StoreContext, policy: AssociationPolicy) -> list[Any]:
+    """The SCP's pynetdicom event handlers (``evt_handlers`` of ``AE.make_server``).
+
+    Parameters
+    ----------
+    context : StoreContext
+        Where instances go and associations are recorded.
+    policy : AssociationPolicy
+        Decides on each association request (``EVT_REQUESTED``).
+    """
+    return [
+        (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_REQUESTED, policy.handle_requested),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [context]),
+        (evt.EVT_N_EVENT_REPORT, handle_event_report, [commitment_callback(context)]),
+        (evt.EVT_ACCEPTED, handle_accepted, [context]),
+        (evt.EVT_REJECTED, handle_rejected, [context]),
+        (evt.EVT_RELEASED, handle_released, [context]),
+        (evt.EVT_ABORTED, handle_aborted, [context]),
+    ]
+
+
+def listener_ports(settings: DicomSettings, ssl_context: ssl.SSLContext | None
+                   ) -> list[tuple[str, int, ssl.SSLContext | None]]:
+    """``(name, port, SSL context)`` of each listener: ``plain`` and/or ``tls``."""
+    ports: list[tuple[str, int, ssl.SSLContext | None]] = []
+    if settings.port is not None:
+        ports.append(("plain", settings.port, None))
+    if settings.tls is not None:
+        ports.append(("tls", settings.tls.port, ssl_context))
+    return ports
+
+
+def open_listeners(scp: Scp, settings: DicomSettings, server_class: type[DicomServer], *,
+                   evt_handlers: list[Any], ssl_context: ssl.SSLContext | None,
+                   **kwargs: Any) -> None:
+    """Bind ``dicom.port`` and/or ``dicom.tls.port`` and serve each in a thread.
+
+    Each listener is a ``server_class`` made by ``scp.ae.make_server`` with
+    ``listener="plain"`` or ``"tls"`` and ``kwargs``; it goes into
+    ``scp.listeners``. ``ssl_context`` is given to the TLS listener only.
+
+    Raises
+    ------
+    OSError
+        If a port cannot be bound; the listeners already open are shut down.
+    """
+    try:
+        for name, port, tls in listener_ports(settings, ssl_context):
+            server = cast(DicomServer, scp.ae.make_server(
+                (settings.host, port), ssl_context=tls, evt_handlers=evt_handlers,
+                server_class=server_class, listener=name, **kwargs))
+            thread = threading.Thread(target=server.serve_forever, daemon=True,
+                                      name=f"AcceptorServer-{name}-{port}")
+            thread.start()
+            # As AE.start_server does: AE.shutdown() and server.shutdown() use this list.
+            scp.ae._servers.append(server)
+            scp.listeners[name] = server
+    except BaseException:
+        scp.shutdown()
+        raise
+
 
 def start_scp(settings: DicomSettings, context: StoreContext) -> Scp:
     """Start the plain and/or TLS listeners on ``settings.host`` in background threads.
@@ -395,46 +512,29 @@ def start_scp(settings: DicomSettings, context: StoreContext) -> Scp:
         If the TLS certificate, key or CA file cannot be used.
     """
     ae = build_ae(settings)
+    policy = open_policy(settings)
+    handlers = scp_handlers(context, policy)
+    ssl_context = server_context(settings.tls) if settings.tls is not None else None
+    recorder = context.associations
+    on_refused = recorder.refused if recorder is not None else None
+    scp = Scp(ae, policy, {})
+    open_listeners(scp, settings, DicomServer, evt_handlers=handlers, ssl_context=ssl_context,
+                   policy=policy, on_refused=on_refused)
+    log_listening(scp, settings)
+    return scp
+
+
+def open_policy(settings: DicomSettings) -> AssociationPolicy:
+    """The association policy of ``settings``; warns if any peer may associate."""
     policy = AssociationPolicy(settings)
     if policy.is_open:
         log.warning("dicom.aes is not set: any peer may associate with any Called AE Title "
                     "and store; list the node's AE titles, callers and addresses in "
                     "dicom.aes to restrict that")
-    handlers: list[Any] = [
-        (evt.EVT_CONN_OPEN, set_tcp_nodelay),
-        (evt.EVT_REQUESTED, policy.handle_requested),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [context]),
-        (evt.EVT_N_EVENT_REPORT, handle_event_report, [commitment_callback(context)]),
-        (evt.EVT_ACCEPTED, handle_accepted, [context]),
-        (evt.EVT_REJECTED, handle_rejected, [context]),
-        (evt.EVT_RELEASED, handle_released, [context]),
-        (evt.EVT_ABORTED, handle_aborted, [context]),
-    ]
-    ssl_context = server_context(settings.tls) if settings.tls is not None else None
-    recorder = context.associations
-    on_refused = recorder.refused if recorder is not None else None
-    wanted: list[tuple[str, int, ssl.SSLContext | None]] = []
-    if settings.port is not None:
-        wanted.append(("plain", settings.port, None))
-    if settings.tls is not None:
-        wanted.append(("tls", settings.tls.port, ssl_context))
-    listeners: dict[str, DicomServer] = {}
-    scp = Scp(ae, policy, listeners)
-    try:
-        for name, port, tls in wanted:
-            server = cast(DicomServer, ae.make_server(
-                (settings.host, port), ssl_context=tls, evt_handlers=handlers,
-                server_class=DicomServer, policy=policy, on_refused=on_refused))
-            thread = threading.Thread(target=server.serve_forever, daemon=True,
-                                      name=f"AcceptorServer-{name}-{port}")
-            thread.start()
-            # As AE.start_server does: AE.shutdown() and server.shutdown() use this list.
-            ae._servers.append(server)
-            listeners[name] = server
-    except BaseException:
-        scp.shutdown()
-        raise
-    titles = ", ".join(policy.ae_titles) or f"{settings.ae_title} (and any other)"
+    return policy
+
+
+def log_listening(scp: Scp, settings: DicomSettings) -> None:
+    """Log the AE titles and listeners of a started SCP."""
+    titles = ", ".join(scp.policy.ae_titles) or f"{settings.ae_title} (and any other)"
     log.info("SCP AE %s listening: %s", titles, scp.describe())
-    return scp

@@ -51,6 +51,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
+@pytest.fixture(params=[1, 2], ids=["1-process", "2-processes"])
+def processes(request: pytest.FixtureRequest) -> int:
+    """``dicom.processes``: associations in the node's process, or in two SCP processes."""
+    return int(request.param)
+
+
 @pytest.fixture
 def nodes() -> Any:
     started: list[Peer] = []
@@ -154,8 +160,8 @@ def _stored(node: Peer) -> list[tuple[str, str]]:
 
 
 def test_rejected_ae_titles_and_addresses_with_dcmtk(
-        tmp_path: Path, nodes: list[Peer], test_data_dir: Path) -> None:
-    node = _serve(tmp_path, nodes, {"aes": POLICY})
+        tmp_path: Path, nodes: list[Peer], processes: int, test_data_dir: Path) -> None:
+    node = _serve(tmp_path, nodes, {"aes": POLICY, "processes": processes})
     cases = [  # (calling, called, dcmtk's words for the A-ASSOCIATE-RJ)
         ("CT1", "NOPE", "Reason: Called AE Title Not Recognized"),
         ("CT9", "RADNODE", "Reason: Calling AE Title Not Recognized"),
@@ -183,19 +189,22 @@ def test_rejected_ae_titles_and_addresses_with_dcmtk(
     assert counts["calling-ae-title-not-recognized"] == 2
     assert counts["peer-address-not-allowed"] == 1
     rejected = [e for e in audited(node) if e["outcome"] == "rejected"]
-    assert [(e["actor"], e["called_ae"], e["reason"], e["peer_address"]) for e in rejected] == [
+    # Sorted: with two SCP processes each writes its own rows, in no set order.
+    assert sorted((e["actor"], e["called_ae"], e["reason"], e["peer_address"])
+                  for e in rejected) == sorted([
         ("ae:CT1", "NOPE", "called-ae-title-not-recognized", "127.0.0.1"),
         ("ae:CT9", "RADNODE", "calling-ae-title-not-recognized", "127.0.0.1"),
         ("ae:CT1", "RESEARCH", "peer-address-not-allowed", "127.0.0.1"),
         ("ae:CT9", "RADNODE", "calling-ae-title-not-recognized", "127.0.0.1"),
-    ]
+    ])
     log = node.log.read_text()
     assert ("association rejected: calling AE CT1, called AE RESEARCH, from 127.0.0.1: "
             "address 127.0.0.1 may not call RESEARCH") in log
 
 
-def test_open_node_warns_once_and_accepts_anyone(tmp_path: Path, nodes: list[Peer]) -> None:
-    node = _serve(tmp_path, nodes, {})
+def test_open_node_warns_once_and_accepts_anyone(tmp_path: Path, nodes: list[Peer],
+                                                 processes: int) -> None:
+    node = _serve(tmp_path, nodes, {"processes": processes})
     assert echoscu(node.port, "ANYONE", "WHATEVER").returncode == 0
     assert node.log.read_text().count("dicom.aes is not set: any peer may associate") == 1
 
@@ -208,8 +217,8 @@ def _hold(port: int, count: int) -> list[Any]:
     return held
 
 
-def test_per_peer_cap_with_dcmtk(tmp_path: Path, nodes: list[Peer]) -> None:
-    node = _serve(tmp_path, nodes, {"max_associations_per_peer": 2})
+def test_per_peer_cap_with_dcmtk(tmp_path: Path, nodes: list[Peer], processes: int) -> None:
+    node = _serve(tmp_path, nodes, {"max_associations_per_peer": 2, "processes": processes})
     held = _hold(node.port, 2)
     answer = echoscu(node.port, "CT1", "RADNODE")
     assert answer.returncode != 0
@@ -231,10 +240,11 @@ def _closed_after(sock: socket.socket) -> float:
 
 
 def test_idle_and_stalled_sockets_are_closed_while_others_are_served(
-        tmp_path: Path, nodes: list[Peer], pki: Pki) -> None:
+        tmp_path: Path, nodes: list[Peer], processes: int, pki: Pki) -> None:
     tls_port = free_port()
     node = _serve(tmp_path, nodes, {"acse_timeout_s": 3, "network_timeout_s": 2,
-                                    "tls": _tls(pki, tls_port)})
+                                    "tls": _tls(pki, tls_port),
+                                    "processes": processes})
 
     def connect(port: int) -> socket.socket:  # another peer: 127.0.0.2
         return socket.create_connection(("127.0.0.1", port), timeout=30,
@@ -255,8 +265,9 @@ def test_idle_and_stalled_sockets_are_closed_while_others_are_served(
 
 
 def test_connections_without_a_request_are_capped_per_peer(
-        tmp_path: Path, nodes: list[Peer]) -> None:
-    node = _serve(tmp_path, nodes, {"acse_timeout_s": 20, "max_associations_per_peer": 2})
+        tmp_path: Path, nodes: list[Peer], processes: int) -> None:
+    node = _serve(tmp_path, nodes, {"acse_timeout_s": 20, "max_associations_per_peer": 2,
+                                    "processes": processes})
     idle = [socket.create_connection(("127.0.0.1", node.port), timeout=30,
                                      source_address=("127.0.0.2", 0)) for _ in range(2)]
     try:
@@ -275,9 +286,10 @@ def test_connections_without_a_request_are_capped_per_peer(
 
 
 def test_tls_echo_and_store_beside_the_plain_listener(
-        tmp_path: Path, nodes: list[Peer], pki: Pki, test_data_dir: Path) -> None:
+        tmp_path: Path, nodes: list[Peer], processes: int, pki: Pki, test_data_dir: Path) -> None:
     tls_port = free_port()
-    node = _serve(tmp_path, nodes, {"tls": _tls(pki, tls_port), "aes": POLICY})
+    node = _serve(tmp_path, nodes, {"tls": _tls(pki, tls_port), "aes": POLICY,
+                                    "processes": processes})
     anonymous = _client_tls(pki, "anonymous")
     answer = echoscu(tls_port, "CT1", "RADNODE", *anonymous)
     assert answer.returncode == 0, answer.stderr
@@ -290,14 +302,17 @@ def test_tls_echo_and_store_beside_the_plain_listener(
     assert _stored(node) == [("MR2", "RADNODE")] * 3
     # A plain association to the TLS port does not get through.
     assert echoscu(tls_port, "CT1", "RADNODE").returncode != 0
-    assert (f"radnode ready: AE RADNODE on plain 127.0.0.1:{node.port}, TLS 127.0.0.1:{tls_port}"
-            in node.log.read_text())
+    ready = f"radnode ready: AE RADNODE on plain 127.0.0.1:{node.port}, TLS 127.0.0.1:{tls_port}"
+    # The node logs it once HTTP is up too, which may be after the listeners served all this.
+    _wait(lambda: ready in node.log.read_text(), 30, "the node's ready line", node.log)
 
 
-def test_tls_client_certificate_required(tmp_path: Path, nodes: list[Peer], pki: Pki) -> None:
+def test_tls_client_certificate_required(tmp_path: Path, nodes: list[Peer], processes: int,
+                                         pki: Pki) -> None:
     tls_port = free_port()
     node = _serve(tmp_path, nodes, {"tls": _tls(pki, tls_port, ca_file=str(pki.ca),
-                                                require_client_cert=True)})
+                                                require_client_cert=True),
+                                    "processes": processes})
     good = echoscu(tls_port, "CT1", "RADNODE", *_client_tls(pki, "client"))
     assert good.returncode == 0, good.stderr
     for who in ("anonymous", "stranger"):  # no certificate; one from an unrelated CA

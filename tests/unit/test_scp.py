@@ -338,3 +338,21 @@ def test_below_the_reserve_a_held_copy_is_still_answered_success(tmp_path: Path)
         assert set(rows) == {held.SOPInstanceUID}
         assert rows[held.SOPInstanceUID].duplicates == 1
         assert not any(p.name.startswith(fresh.SOPInstanceUID) for p in tmp_path.rglob("*.dcm"))
+
+
+def test_a_connection_is_uncounted_once_when_its_association_takes_over(tmp_path: Path) -> None:
+    """pynetdicom's handler returns once the association runs: that must not uncount it again."""
+    with _own_scp(tmp_path) as (_, scp, _):
+        (listener,) = scp.listeners.values()
+        first, second, request = object(), object(), object()
+        for connection in (first, second):  # as verify_request, then the connection's thread
+            listener._connecting["10.0.0.7"] += 1
+            listener.awaiting_association(connection, request, "10.0.0.7")
+        assert listener.handed_over(first)  # pynetdicom made its association
+        listener.connection_done(first, request, "10.0.0.7")  # its thread returns
+        assert listener._connecting["10.0.0.7"] == 1  # the second still waits
+        listener.connection_done(second, request, "10.0.0.7")  # ended without one
+        assert "10.0.0.7" not in listener._connecting
+        listener._connecting["10.0.0.7"] += 1
+        listener.connection_done(None, request, "10.0.0.7")  # its TLS handshake failed
+        assert "10.0.0.7" not in listener._connecting
