@@ -247,6 +247,16 @@ class Radnode(Receiver):
             return int(conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
 
 
+class RadnodeProcesses(Radnode):
+    """radnode with ``dicom.processes`` SCP child processes (:mod:`service.scp.pool`)."""
+
+    processes = 2
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        cmd, env = super().command()
+        return cmd, {**env, "RADNODE_DICOM__PROCESSES": str(self.processes)}
+
+
 EATMYDATA = shutil.which("eatmydata")
 
 
@@ -540,13 +550,20 @@ def send_concurrent(receiver: Receiver, series: list[Series]) -> float:
 
 
 def concurrent_associations(source: Path, work: Path, senders: int, repeats: int,
-                            with_orthanc: bool) -> None:
-    """Aggregate instances/s of ``senders`` storescu sending distinct copies at once."""
+                            with_orthanc: bool, processes: int = 0) -> None:
+    """Aggregate instances/s of ``senders`` storescu sending distinct copies at once.
+
+    With ``processes`` > 1, radnode with that many SCP processes runs too
+    (row ``radnode ×N``); the plain ``radnode`` row is the default (one process).
+    """
     copies = copy_with_new_uids(source, work / "concurrent", senders)
     total = sum(s.count for s in copies)
     size = sum(s.size_bytes for s in copies)
     receivers: list[tuple[type[Receiver], str, str]] = [
         (Radnode, "radnode", "RADNODE"), (Storescp, "storescp", "STORESCP")]
+    if processes > 1:
+        RadnodeProcesses.processes = processes
+        receivers.insert(1, (RadnodeProcesses, f"radnode ×{processes}", "RADNODE"))
     if with_orthanc:
         receivers.append((Orthanc, "Orthanc", "ORTHANC"))
     seconds: dict[str, list[float]] = {label: [] for _, label, _ in receivers}
@@ -563,11 +580,11 @@ def concurrent_associations(source: Path, work: Path, senders: int, repeats: int
     base = total / statistics.median(seconds["storescp"])
     print(f"\n{senders} concurrent storescu (TCP_NODELAY=1), {total} instances, "
           f"{size / 1e6:.1f} MB, median of {repeats}")
-    print(f"{'receiver':<10} {'runs (s)':>28} {'median':>8} {'inst/s':>8} {'MB/s':>7} "
+    print(f"{'receiver':<12} {'runs (s)':>28} {'median':>8} {'inst/s':>8} {'MB/s':>7} "
           f"{'vs storescp':>12}")
     for label, runs in seconds.items():
         median = statistics.median(runs)
-        print(f"{label:<10} {' / '.join(f'{r:.2f}' for r in runs):>28} {median:8.2f} "
+        print(f"{label:<12} {' / '.join(f'{r:.2f}' for r in runs):>28} {median:8.2f} "
               f"{total / median:8.0f} {size / 1e6 / median:7.1f} {total / median / base:11.2f}×")
 
 
@@ -628,6 +645,8 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=0, metavar="N",
                         help="only measure N storescu sending distinct copies of the large "
                         "series at once: aggregate instances/s against storescp's")
+    parser.add_argument("--processes", type=int, default=0, metavar="N",
+                        help="with --concurrent: also run radnode with dicom.processes N")
     parser.add_argument("--durability", type=int, default=0, metavar="PAIRS",
                         help="only measure what durability costs: PAIRS back-to-back runs of "
                         "radnode with fsync and under eatmydata, per series, alternating "
@@ -667,7 +686,7 @@ def main() -> None:
 
         if args.concurrent > 0:
             concurrent_associations(large_dir, work, args.concurrent, args.repeats,
-                                    with_orthanc)
+                                    with_orthanc, args.processes)
             print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
             return
         if args.durability > 0:
