@@ -52,6 +52,24 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float 
     raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
 
 
+def received_files(folder: Path, settle_s: float = 1.0) -> list[Path]:
+    """Every file a receiving peer (storescp, Orthanc's export) has finished writing in *folder*.
+
+    storescp writes each object straight under its final name, so a poll can meet a file
+    still being written (CI once read half a SEG). This waits until no file in *folder* has
+    changed for *settle_s* seconds, then lists them all: it delays, it never leaves one out.
+    Names starting with "." are skipped.
+    """
+    while True:
+        paths = sorted(path for path in folder.iterdir()
+                       if path.is_file() and not path.name.startswith("."))
+        newest = max((path.stat().st_mtime for path in paths), default=0.0)
+        wait_s = newest + settle_s - time.time()
+        if wait_s <= 0:
+            return paths
+        time.sleep(min(wait_s, settle_s))
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)

@@ -32,6 +32,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from tests.integration.conftest import (
     Peer,
     free_port,
+    received_files,
     require_tool,
     start_node,
     stop,
@@ -303,7 +304,7 @@ def test_failed_delivery_then_resend(tmp_path: Path, ct_series_dir: Path,
                    60, "both resends to be audited", node)
         assert page.evaluate("window.radnodeNoReload") is True, "the page was reloaded"
         screenshot(page, tmp_path, "delivery-resent")
-        assert len([p for p in folder.iterdir() if not p.name.startswith(".")]) == 2
+        assert len(received_files(folder)) == 2
     finally:
         stop(pacs)
 

@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from service.config import Destination, TlsSettings
 from service.dicom.scu import StoreOutcome, echo, store_files
 from tests.conftest import dcmtk_tool, missing
-from tests.integration.conftest import free_port, stop, wait_for_port
+from tests.integration.conftest import free_port, received_files, stop, wait_for_port
 from tests.pki import Pki, make_pki
 
 pytestmark = pytest.mark.integration
@@ -89,7 +89,7 @@ class Storescp:
     log: Path
 
     def received(self) -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.is_file())
+        return received_files(self.folder)
 
     def file_for(self, sop_instance_uid: str) -> Path:
         (path,) = [p for p in self.received() if p.name.endswith("." + sop_instance_uid)]

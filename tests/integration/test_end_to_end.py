@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from tests.integration.conftest import Peer, require_tool, start_node, stop
+from tests.integration.conftest import Peer, received_files, require_tool, start_node, stop
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +40,7 @@ def wait_for_results(folder: Path, node: Peer, timeout_s: float = 300) -> tuple[
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found: dict[str, Path] = {}
-        for path in folder.iterdir():
-            if path.name.startswith("."):
-                continue
+        for path in received_files(folder):
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             found[str(ds.SOPClassUID)] = path
         if SEG_CLASS in found and SR_CLASS in found:

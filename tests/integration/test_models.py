@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 from tests.integration.conftest import (
     Peer,
     free_port,
+    received_files,
     require_tool,
     start_node,
     stop,
@@ -152,9 +153,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, test_data_dir: Path) -> Iterat
         _wait_until_done(db, node, jobs=3 + 3)
         received: dict[str, list[Dataset]] = defaultdict(list)
         files: dict[str, Path] = {}
-        for path in pacs_dir.iterdir():
-            if path.name.startswith("."):
-                continue
+        for path in received_files(pacs_dir):
             ds = pydicom.dcmread(path)
             received[str(ds.SOPClassUID)].append(ds)
             files[str(ds.SOPInstanceUID)] = path

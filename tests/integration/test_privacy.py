@@ -28,7 +28,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from tests.integration.conftest import Peer, free_port, require_tool, start_node, stop
+from tests.integration.conftest import (
+    Peer,
+    free_port,
+    received_files,
+    require_tool,
+    start_node,
+    stop,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -210,7 +217,7 @@ def _wait_for_deliveries(node: Peer, pacs: Peer, timeout_s: float = 400) -> None
     while time.monotonic() < deadline:
         assert node.process.poll() is None, node.log.read_text()
         classes = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID)
-                   for p in pacs.folder.iterdir() if not p.name.startswith(".")]
+                   for p in received_files(pacs.folder)]
         if classes.count(SEG_CLASS) >= 2 and classes.count(SR_CLASS) >= 2 and database.exists():
             with sqlite3.connect(database) as db:
                 states = dict(db.execute(

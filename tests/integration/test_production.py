@@ -30,6 +30,7 @@ from service.dicom.phantom import write_ct_phantom
 from tests.integration.conftest import (
     Peer,
     free_port,
+    received_files,
     require_tool,
     running_storescp,
     stop,
@@ -90,7 +91,8 @@ def test_postgres_redis_two_workers_concurrent_senders(
     config = tmp_path / "radnode.yaml"
     config.write_text(yaml.safe_dump({
         "data_dir": str(data_dir),
-        "dicom": {"ae_title": "RADNODE", "host": "127.0.0.1", "port": port,
+        # Two SCP processes, as a hospital node on several cores runs (deploy/hospital.yaml).
+        "dicom": {"ae_title": "RADNODE", "host": "127.0.0.1", "port": port, "processes": 2,
                   "aes": [{"ae_title": "RADNODE", "calling_ae_titles": list(SENDERS)}]},
         "http": {"port": http_port},
         "database": {"url": postgres_url, "auto_upgrade": False},
@@ -179,7 +181,7 @@ def test_postgres_redis_two_workers_concurrent_senders(
     assert len(results) == expected_results
     assert deliveries == [("sent", 1)] * expected_results
     received = Counter(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-                       for path in pacs.folder.iterdir() if path.is_file())
+                       for path in received_files(pacs.folder))
     assert set(received) == {uid for (uid,) in results}
     assert set(received.values()) == {1}
     # Each worker received as many Celery messages as it ran jobs: no duplicate delivery.
@@ -187,6 +189,8 @@ def test_postgres_redis_two_workers_concurrent_senders(
                                         log.read_text())) for log in logs[1:]]
     assert sum(received_messages) == len(series_uids), received_messages
     assert "database postgresql+psycopg://postgres@" in logs[0].read_text()
+    assert re.search(r"SCP AE RADNODE listening: plain 127\.0\.0\.1:\d+; 2 SCP processes",
+                     logs[0].read_text())
     assert os.path.isfile(data_dir / ".radnode-data-dir")
 
 

@@ -22,6 +22,7 @@ from service.dicom.phantom import write_ct_phantom
 from tests.integration.conftest import (
     Peer,
     free_port,
+    received_files,
     require_tool,
     start_node,
     stop,
@@ -65,10 +66,9 @@ def storescu(port: int, folder: Path, *extra: str) -> subprocess.Popen[str]:
 def pacs_results(folder: Path) -> dict[str, str]:
     """SOP Instance UID -> Modality of every object the PACS holds."""
     found = {}
-    for path in folder.iterdir():
-        if not path.name.startswith("."):
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            found[str(ds.SOPInstanceUID)] = str(ds.Modality)
+    for path in received_files(folder):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        found[str(ds.SOPInstanceUID)] = str(ds.Modality)
     return found
 
 

@@ -26,7 +26,13 @@ from service.db.session import make_engine, make_session_factory, utcnow
 from service.delivery.dispatch import Dispatcher, deliver_due
 from service.scp.handlers import StoreContext
 from service.scp.server import start_scp
-from tests.integration.conftest import free_port, require_tool, stop, wait_for_port
+from tests.integration.conftest import (
+    free_port,
+    received_files,
+    require_tool,
+    stop,
+    wait_for_port,
+)
 from tests.peers import orthanc
 
 pytestmark = pytest.mark.integration
@@ -121,7 +127,7 @@ def _storescp(folder: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
 def _received(folder: Path) -> list[str]:
     """SOP Instance UIDs of every file storescp wrote (``-uf``: duplicates get own files)."""
     return sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                  for p in folder.iterdir() if p.is_file())
+                  for p in received_files(folder))
 
 
 def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
