@@ -5,7 +5,10 @@ Writes N large synthetic multi-frame CT objects (distinct SOP Instance UIDs), st
 processes, sampling the node's resident memory (VmRSS) every 50 ms. Prints the
 node's RSS before, its peak (VmHWM) and the bytes received.
 
-    .venv/bin/python benchmarks/memory.py [--senders 4] [--mb 256]
+With ``--processes N`` the node runs N SCP processes (``dicom.processes``); the figures
+are then the sums over the node and its SCP processes (RSS, not PSS: an upper bound).
+
+    .venv/bin/python benchmarks/memory.py [--senders 4] [--mb 256] [--processes 1]
 """
 
 from __future__ import annotations
@@ -42,6 +45,31 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def scp_children(pid: int) -> list[int]:
+    """PIDs of the processes whose parent is *pid* (the node's SCP processes)."""
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:
+            continue  # gone meanwhile
+        ppid = next((line.split()[1] for line in lines if line.startswith("PPid:")), "")
+        if ppid == str(pid):
+            children.append(int(status.parent.name))
+    return children
+
+
+def total_kib(pids: list[int], field: str = "VmRSS") -> int:
+    """Sum of *field* over *pids* (0 for one that has exited)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += rss_kib(pid, field)
+        except OSError:
+            pass
+    return total
+
+
 def write_big(path: Path, megabytes: int, template: Path) -> None:
     """One Enhanced-CT-sized object: a CT slice's header with many 512x512 frames."""
     import pydicom
@@ -63,6 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--mb", type=int, default=256, help="size of each object, MB")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="dicom.processes of the node (SCP processes; 0: one per core)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="radnode-mem-"))
     try:
@@ -78,18 +108,20 @@ def main() -> None:
             [sys.executable, "-m", "service.cli", "serve", "--no-worker", "--no-http", "--host",
              "127.0.0.1", "--port", str(port), "--data-dir", str(work / "node"),
              "--quiet-period", "3600"],
+            env={**os.environ, "RADNODE_DICOM__PROCESSES": str(args.processes)},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
                 time.sleep(0.2)
-            time.sleep(1)
-            before = rss_kib(node.pid)
+            time.sleep(1 if args.processes == 1 else 4)  # SCP processes start after the port
+            pids = [node.pid, *scp_children(node.pid)]
+            before = total_kib(pids)
             peak = [before]
             done = threading.Event()
 
             def sample() -> None:
                 while not done.is_set():
-                    peak[0] = max(peak[0], rss_kib(node.pid))
+                    peak[0] = max(peak[0], total_kib(pids))
                     time.sleep(0.05)
 
             sampler = threading.Thread(target=sample)
@@ -102,7 +134,7 @@ def main() -> None:
             elapsed = time.monotonic() - started
             done.set()
             sampler.join()
-            hwm = rss_kib(node.pid, "VmHWM")
+            hwm = total_kib(pids, "VmHWM")
         finally:
             os.killpg(node.pid, signal.SIGTERM)
             node.wait(timeout=60)
@@ -111,6 +143,8 @@ def main() -> None:
         print(f"{args.senders} concurrent storescu, one {args.mb} MB object each "
               f"({total / 1e6:.0f} MB in all) in {elapsed:.1f} s; exit codes {codes}; "
               f"{len(stored)} stored")
+        print(f"processes: the node and {len(pids) - 1} SCP processes" if len(pids) > 1
+              else "processes: the node alone (dicom.processes: 1)")
         print(f"node RSS before: {before / 1024:.0f} MiB; peak while receiving (sampled): "
               f"{peak[0] / 1024:.0f} MiB; VmHWM: {hwm / 1024:.0f} MiB")
     finally:
