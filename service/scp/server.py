@@ -84,6 +84,7 @@ from service.scp.handlers import (
     handle_store,
 )
 from service.scp.policy import PEER_CONNECTIONS, TLS_HANDSHAKE, AssociationPolicy
+from service.scp.responses import answer_successes_directly
 
 log = logging.getLogger("radnode.scp")
 
@@ -442,6 +443,7 @@ def scp_handlers(context: StoreContext, policy: AssociationPolicy) -> list[Any]:
         (evt.EVT_C_STORE, handle_store, [context]),
         (evt.EVT_N_EVENT_REPORT, handle_event_report, [commitment_callback(context)]),
         (evt.EVT_ACCEPTED, handle_accepted, [context]),
+        (evt.EVT_ACCEPTED, answer_successes_directly),
         (evt.EVT_REJECTED, handle_rejected, [context]),
         (evt.EVT_RELEASED, handle_released, [context]),
         (evt.EVT_ABORTED, handle_aborted, [context]),
@@ -538,3 +540,4 @@ def log_listening(scp: Scp, settings: DicomSettings) -> None:
     """Log the AE titles and listeners of a started SCP."""
     titles = ", ".join(scp.policy.ae_titles) or f"{settings.ae_title} (and any other)"
     log.info("SCP AE %s listening: %s", titles, scp.describe())
+
