@@ -31,6 +31,7 @@ from service.metrics import NodeMetrics
 from service.queue import broker_probe, describe_broker, make_celery
 from service.retention import purge_due
 from service.scheduler import Loop, Router, complete_and_route, publish_pending, sweep_jobs
+from service.scp import receive
 from service.scp.associations import AssociationRecorder
 from service.scp.handlers import StoreContext
 from service.scp.pool import effective_processes, start_scp_pool
@@ -62,7 +63,9 @@ def remove_interrupted_writes(*folders: Path) -> int:
     """Delete temporary files of writes a crash interrupted; return how many.
 
     They were never renamed into place, so never acknowledged to a peer
-    (the SCP answers Success only after the rename and the database row), or
+    (the SCP answers Success only after the rename and the database row),
+    were made ahead for data sets that never came (``<spool>/.incoming/
+    receiving-*``, :mod:`service.scp.receive`), or
     never became a broker message (:class:`service.queue.SpoolChannel`: the
     job stays queued in the database and the sweeper publishes it again).
     """
@@ -276,6 +279,7 @@ class Node:
         self._loops: list[Loop] = []
         self._worker: WorkerProcess | None = None
         self._server: Scp | None = None
+        self._incoming: receive.IncomingFiles | None = None
         self.store_context: StoreContext | None = None
         self.metrics: NodeMetrics | None = None
         self.http: ApiServer | None = None
@@ -349,6 +353,7 @@ class Node:
                                               associations=AssociationRecorder(factory,
                                                                                self.metrics))
             self._server = start_scp(s.dicom, self.store_context)
+            self._incoming = receive.install(incoming)  # files made ahead of the data sets
         # Only now can the sender resend: a series cut off by the stop gets a full quiet
         # period from here (SCP processes take seconds to start), then the loops run.
         with factory() as session:
@@ -453,6 +458,9 @@ class Node:
         if server is not None:
             self._server = None
             server.drain(self.settings.dicom.drain_timeout_s)
+        if self._incoming is not None:
+            receive.uninstall(self._incoming)  # deletes the files kept ready
+            self._incoming = None
         for loop in self._loops:
             loop.stop()
         if self.http is not None:

@@ -608,6 +608,7 @@ def run_child(settings: Settings, channel: socket.socket, index: int,
         The exit status: 0 after a drain.
     """
     from service.db.session import make_engine, make_session_factory
+    from service.scp import receive
     from service.scp.associations import AssociationRecorder
     from service.scp.handlers import StoreContext
     from service.scp.server import scp_handlers
@@ -667,6 +668,7 @@ def run_child(settings: Settings, channel: socket.socket, index: int,
     signal.signal(signal.SIGTERM, _raise_drain)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     timeout_s = d.drain_timeout_s
+    ready_files = receive.install(incoming)  # made ahead of the data sets
     send_message(channel, {"t": "ready"})
     log.info("SCP process %d ready (its share: %d associations)", index, max_associations)
     try:
@@ -698,6 +700,7 @@ def run_child(settings: Settings, channel: socket.socket, index: int,
     except _Drain:
         log.info("SCP process %d: SIGTERM; draining", index)
     scp.drain(timeout_s)
+    receive.uninstall(ready_files)
     stop.set()
     for server in servers.values():
         server.reap()
