@@ -269,6 +269,15 @@ class RadnodeNoFsync(Radnode):
         return [EATMYDATA, *cmd], env
 
 
+class RadnodeProcessesNoFsync(RadnodeProcesses):
+    """radnode with SCP processes under eatmydata (fsync turned into a no-op)."""
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        assert EATMYDATA is not None
+        cmd, env = super().command()
+        return [EATMYDATA, *cmd], env
+
+
 class Storescp(Receiver):
     def command(self) -> tuple[list[str], dict[str, str]]:
         assert STORESCP is not None
@@ -554,7 +563,9 @@ def concurrent_associations(source: Path, work: Path, senders: int, repeats: int
     """Aggregate instances/s of ``senders`` storescu sending distinct copies at once.
 
     With ``processes`` > 1, radnode with that many SCP processes runs too
-    (row ``radnode ×N``); the plain ``radnode`` row is the default (one process).
+    (row ``radnode ×N``), and the same under eatmydata when it is installed
+    (row ``×N fsync off``: what durability costs with concurrent senders); the
+    plain ``radnode`` row is the default (one process).
     """
     copies = copy_with_new_uids(source, work / "concurrent", senders)
     total = sum(s.count for s in copies)
@@ -564,6 +575,8 @@ def concurrent_associations(source: Path, work: Path, senders: int, repeats: int
     if processes > 1:
         RadnodeProcesses.processes = processes
         receivers.insert(1, (RadnodeProcesses, f"radnode ×{processes}", "RADNODE"))
+        if EATMYDATA is not None:  # what durability costs with several SCP processes
+            receivers.insert(2, (RadnodeProcessesNoFsync, f"×{processes} fsync off", "RADNODE"))
     if with_orthanc:
         receivers.append((Orthanc, "Orthanc", "ORTHANC"))
     seconds: dict[str, list[float]] = {label: [] for _, label, _ in receivers}
