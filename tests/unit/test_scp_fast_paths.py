@@ -150,6 +150,18 @@ def test_file_meta_is_what_pydicom_writes(sop_class: str, sop_instance: str,
     assert written.getvalue() == expected.getvalue()
 
 
+@pytest.mark.parametrize("version", ["ABC", "RADNODE_0.9"])  # SH padded with a space
+def test_file_meta_pads_an_odd_implementation_version_as_pydicom_does(version: str) -> None:
+    sop_class, sop_instance = UIDS[1]
+    expected = io.BytesIO()
+    write_file_meta_info(expected, create_file_meta(  # type: ignore[arg-type]
+        sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance),
+        transfer_syntax=ExplicitVRLittleEndian, implementation_version=version))
+    meta = receive.FileMeta(sop_class, sop_instance, ExplicitVRLittleEndian,
+                            implementation_version=version)
+    assert meta.encode() == expected.getvalue()
+
+
 def test_other_file_meta_calls_go_to_pynetdicom_and_pydicom() -> None:
     meta = receive.file_meta(sop_class_uid=UID(UIDS[0][0]), sop_instance_uid=UID(UIDS[0][1]),
                              transfer_syntax=ExplicitVRLittleEndian, implementation_version="X")
