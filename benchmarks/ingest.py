@@ -57,6 +57,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CT = REPO.parent / "shared" / "data" / "ct_abdomen_pancreas_tcia"
@@ -267,6 +268,48 @@ class RadnodeNoFsync(Radnode):
         assert EATMYDATA is not None
         cmd, env = super().command()
         return [EATMYDATA, *cmd], env
+
+
+class RadnodePostgres(RadnodeProcesses):
+    """radnode with SCP processes on PostgreSQL (the production database), a new database each run.
+
+    ``server_url`` (``--postgres``) names a maintenance database on the server;
+    each start creates ``radnode_bench_<hex>`` there and each stop drops it.
+    """
+
+    server_url = ""
+
+    def _admin(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self.server_url, autocommit=True)
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        from sqlalchemy.engine import make_url
+
+        self.database = f"radnode_bench_{os.urandom(4).hex()}"
+        with self._admin() as admin:
+            admin.execute(f'CREATE DATABASE "{self.database}"')
+        url = make_url(self.server_url).set(database=self.database)
+        cmd, env = super().command()
+        return cmd, {**env, "RADNODE_DATABASE__URL": url.render_as_string(hide_password=False)}
+
+    def count(self) -> int:
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.server_url).set(database=self.database)
+        try:
+            with psycopg.connect(url.render_as_string(hide_password=False)) as conn:
+                row = conn.execute("SELECT COUNT(*) FROM instances").fetchone()
+        except psycopg.Error:
+            return 0  # not migrated yet
+        return int(row[0]) if row else 0
+
+    def stop(self) -> None:
+        super().stop()
+        with self._admin() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
 
 
 class RadnodeProcessesNoFsync(RadnodeProcesses):
@@ -559,13 +602,16 @@ def send_concurrent(receiver: Receiver, series: list[Series]) -> float:
 
 
 def concurrent_associations(source: Path, work: Path, senders: int, repeats: int,
-                            with_orthanc: bool, processes: int = 0) -> None:
+                            with_orthanc: bool, processes: int = 0,
+                            postgres: str = "") -> None:
     """Aggregate instances/s of ``senders`` storescu sending distinct copies at once.
 
     With ``processes`` > 1, radnode with that many SCP processes runs too
     (row ``radnode ×N``), and the same under eatmydata when it is installed
     (row ``×N fsync off``: what durability costs with concurrent senders); the
-    plain ``radnode`` row is the default (one process).
+    plain ``radnode`` row is the default (one process). With ``postgres`` (a
+    PostgreSQL URL), the SCP processes also run on PostgreSQL (row ``×N
+    PostgreSQL``), the production database, with a new database each repeat.
     """
     copies = copy_with_new_uids(source, work / "concurrent", senders)
     total = sum(s.count for s in copies)
@@ -577,6 +623,9 @@ def concurrent_associations(source: Path, work: Path, senders: int, repeats: int
         receivers.insert(1, (RadnodeProcesses, f"radnode ×{processes}", "RADNODE"))
         if EATMYDATA is not None:  # what durability costs with several SCP processes
             receivers.insert(2, (RadnodeProcessesNoFsync, f"×{processes} fsync off", "RADNODE"))
+        if postgres:
+            RadnodePostgres.server_url = postgres
+            receivers.insert(2, (RadnodePostgres, f"×{processes} PostgreSQL", "RADNODE"))
     if with_orthanc:
         receivers.append((Orthanc, "Orthanc", "ORTHANC"))
     seconds: dict[str, list[float]] = {label: [] for _, label, _ in receivers}
@@ -660,6 +709,11 @@ def main() -> None:
                         "series at once: aggregate instances/s against storescp's")
     parser.add_argument("--processes", type=int, default=0, metavar="N",
                         help="with --concurrent: also run radnode with dicom.processes N")
+    parser.add_argument("--postgres", default="", metavar="URL",
+                        help="with --concurrent and --processes: also run radnode's SCP "
+                        "processes on this PostgreSQL server (e.g. "
+                        "postgresql://postgres@127.0.0.1:5432/postgres); a database is "
+                        "created and dropped per repeat")
     parser.add_argument("--durability", type=int, default=0, metavar="PAIRS",
                         help="only measure what durability costs: PAIRS back-to-back runs of "
                         "radnode with fsync and under eatmydata, per series, alternating "
@@ -699,7 +753,7 @@ def main() -> None:
 
         if args.concurrent > 0:
             concurrent_associations(large_dir, work, args.concurrent, args.repeats,
-                                    with_orthanc, args.processes)
+                                    with_orthanc, args.processes, args.postgres)
             print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
             return
         if args.durability > 0:
