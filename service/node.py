@@ -31,7 +31,7 @@ from service.metrics import NodeMetrics
 from service.queue import broker_probe, describe_broker, make_celery
 from service.retention import purge_due
 from service.scheduler import Loop, Router, complete_and_route, publish_pending, sweep_jobs
-from service.scp import receive
+from service.scp import receive, wakeups
 from service.scp.associations import AssociationRecorder
 from service.scp.handlers import StoreContext
 from service.scp.pool import effective_processes, start_scp_pool
@@ -280,6 +280,7 @@ class Node:
         self._worker: WorkerProcess | None = None
         self._server: Scp | None = None
         self._incoming: receive.IncomingFiles | None = None
+        self._wakeups = False
         self.store_context: StoreContext | None = None
         self.metrics: NodeMetrics | None = None
         self.http: ApiServer | None = None
@@ -354,6 +355,8 @@ class Node:
                                                                                self.metrics))
             self._server = start_scp(s.dicom, self.store_context)
             self._incoming = receive.install(incoming)  # files made ahead of the data sets
+            wakeups.install()  # association threads wait for work instead of polling
+            self._wakeups = True
         # Only now can the sender resend: a series cut off by the stop gets a full quiet
         # period from here (SCP processes take seconds to start), then the loops run.
         with factory() as session:
@@ -461,6 +464,9 @@ class Node:
         if self._incoming is not None:
             receive.uninstall(self._incoming)  # deletes the files kept ready
             self._incoming = None
+        if self._wakeups:
+            wakeups.uninstall()
+            self._wakeups = False
         for loop in self._loops:
             loop.stop()
         if self.http is not None:

@@ -608,7 +608,7 @@ def run_child(settings: Settings, channel: socket.socket, index: int,
         The exit status: 0 after a drain.
     """
     from service.db.session import make_engine, make_session_factory
-    from service.scp import receive
+    from service.scp import receive, wakeups
     from service.scp.associations import AssociationRecorder
     from service.scp.handlers import StoreContext
     from service.scp.server import scp_handlers
@@ -669,6 +669,7 @@ def run_child(settings: Settings, channel: socket.socket, index: int,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     timeout_s = d.drain_timeout_s
     ready_files = receive.install(incoming)  # made ahead of the data sets
+    wakeups.install()  # association threads wait for work instead of polling
     send_message(channel, {"t": "ready"})
     log.info("SCP process %d ready (its share: %d associations)", index, max_associations)
     try:
@@ -701,6 +702,7 @@ def run_child(settings: Settings, channel: socket.socket, index: int,
         log.info("SCP process %d: SIGTERM; draining", index)
     scp.drain(timeout_s)
     receive.uninstall(ready_files)
+    wakeups.uninstall()
     stop.set()
     for server in servers.values():
         server.reap()

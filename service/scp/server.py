@@ -85,6 +85,7 @@ from service.scp.handlers import (
 )
 from service.scp.policy import PEER_CONNECTIONS, TLS_HANDSHAKE, AssociationPolicy
 from service.scp.responses import answer_successes_directly
+from service.scp.wakeups import release_waits, wake_on_events
 
 log = logging.getLogger("radnode.scp")
 
@@ -438,6 +439,8 @@ def scp_handlers(context: StoreContext, policy: AssociationPolicy) -> list[Any]:
     """
     return [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_CONN_OPEN, wake_on_events),
+        (evt.EVT_CONN_CLOSE, release_waits),
         (evt.EVT_REQUESTED, policy.handle_requested),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
