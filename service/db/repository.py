@@ -6,75 +6,23 @@ otherwise, so that a caller can put several steps in one transaction.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Executable, Select, Table, bindparam, case, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Select, case, func, select, update
 from sqlalchemy.orm import Session
 
 from service.config import CompletionSettings
+from service.db.ingest import IngestSQL, ingest_sql
 from service.db.models import Delivery, Instance, Job, Result, Series
 from service.db.session import as_utc
 
-_SERIES: Table = Series.__table__  # type: ignore[assignment]
-_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 
-
-@dataclass(frozen=True)
-class _IngestStatements:
-    """The C-STORE path's statements, built once per SQL dialect.
-
-    The SCP runs them for every instance. Built once with bind parameters,
-    each is compiled once and then found in the engine's compiled cache:
-    building a statement and going through the ORM's bulk-update machinery
-    cost more CPU than the database itself (py-spy, 1000 small instances).
-    """
-
-    #: INSERT the series or touch nothing; RETURNING its id either way.
-    upsert_series: Executable
-    #: INSERT the instance unless its SOP Instance UID is there; RETURNING its
-    #: id only if it was added (``rowcount`` is -1 with psycopg's RETURNING).
-    insert_instance: Executable
-    #: One more instance: counters, last arrival, back to ``receiving``.
-    add_to_series: Executable
-    #: One more arrival of a stored SOP Instance UID.
-    count_duplicate: Executable
-
-
-@functools.cache
-def _ingest_statements(dialect: str) -> _IngestStatements:
-    module: Any = postgresql if dialect == "postgresql" else sqlite
-    upsert = module.insert(_SERIES)
-    series = _SERIES.c
-    instances = _INSTANCES.c
-    return _IngestStatements(
-        # The no-op DO UPDATE makes RETURNING give the existing row's id too.
-        upsert_series=upsert.on_conflict_do_update(
-            index_elements=["series_instance_uid"],
-            set_={"series_instance_uid": upsert.excluded.series_instance_uid},
-        ).returning(series.id),
-        insert_instance=module.insert(_INSTANCES).on_conflict_do_nothing(
-            index_elements=["sop_instance_uid"]).returning(instances.id),
-        add_to_series=update(_SERIES).where(series.id == bindparam("b_series_id")).values(
-            instance_count=series.instance_count + 1,
-            last_received_at=bindparam("b_received_at", type_=series.last_received_at.type),
-            state="receiving",
-            routed_at=None,
-            expected_count=func.coalesce(series.expected_count, bindparam(
-                "b_expected_count", type_=series.expected_count.type)),
-        ),
-        count_duplicate=update(_INSTANCES)
-        .where(instances.sop_instance_uid == bindparam("b_sop_instance_uid"))
-        .values(duplicates=instances.duplicates + 1),
-    )
-
-
-def _statements(session: Session) -> _IngestStatements:
-    return _ingest_statements(session.get_bind().dialect.name)
+def _ingest(session: Session) -> tuple[IngestSQL, Any]:
+    """The compiled C-STORE statements and the DBAPI connection of the session's transaction."""
+    connection = session.connection()
+    return ingest_sql(connection.dialect), connection.connection.dbapi_connection
 
 
 def instance_exists(sop_instance_uid: str, *, session: Session) -> bool:
@@ -87,8 +35,8 @@ def instance_exists(sop_instance_uid: str, *, session: Session) -> bool:
 
 def count_duplicate(sop_instance_uid: str, *, session: Session) -> None:
     """Count one more arrival of an already stored SOP Instance UID (the first is kept)."""
-    session.execute(_statements(session).count_duplicate,
-                    {"b_sop_instance_uid": sop_instance_uid})
+    sql, connection = _ingest(session)
+    sql.count_duplicate_of(connection, sop_instance_uid)
 
 
 def record_instance(
@@ -128,40 +76,15 @@ def record_instance(
         True if the instance is new, False if its SOP Instance UID was already
         recorded (then only the duplicate counter changes).
     """
-    statements = _statements(session)
-    series_id = session.execute(statements.upsert_series, {
-        "series_instance_uid": series_instance_uid,
-        "study_instance_uid": study_instance_uid,
-        "modality": modality,
-        "calling_ae_title": calling_ae_title,
-        "called_ae_title": called_ae_title,
-        "peer_address": peer_address,
-        "state": "receiving",
-        "instance_count": 0,
-        "first_received_at": received_at,
-        "last_received_at": received_at,
-        "expected_count": expected_count,
-    }).scalar_one()
-    added = session.execute(statements.insert_instance, {
-        "series_id": series_id,
-        "sop_instance_uid": sop_instance_uid,
-        "sop_class_uid": sop_class_uid,
-        "transfer_syntax_uid": transfer_syntax_uid,
-        "path": path,
-        "size_bytes": size_bytes,
-        "received_at": received_at,
-        "calling_ae_title": calling_ae_title,
-        "duplicates": 0,
-    }).first()
-    if added is None:
-        count_duplicate(sop_instance_uid, session=session)
-        return False
-    session.execute(statements.add_to_series, {
-        "b_series_id": series_id,
-        "b_received_at": received_at,
-        "b_expected_count": expected_count,
-    })
-    return True
+    sql, connection = _ingest(session)
+    return sql.record_instance(
+        connection, study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
+        sop_class_uid=sop_class_uid, transfer_syntax_uid=transfer_syntax_uid,
+        modality=modality, path=path, size_bytes=size_bytes,
+        calling_ae_title=calling_ae_title, received_at=received_at,
+        expected_count=expected_count, called_ae_title=called_ae_title,
+        peer_address=peer_address)
 
 
 def completion_reason(series: Series, now: datetime, rules: CompletionSettings,

@@ -84,8 +84,11 @@ def start_writeback(fd: int) -> None:
 
 def _fsync_file(path: Path) -> None:
     # fdatasync: the data and the size reach the disk; mtime/atime need not.
-    with path.open("rb") as handle:
-        os.fdatasync(handle.fileno())
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 #: Directories whose own entry in their parent is known to be on disk (this

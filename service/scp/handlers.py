@@ -12,13 +12,15 @@ titles only, and leaves no partial file and no row behind.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -28,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import repository
+from service.db.ingest import IngestWriter
 from service.db.session import utcnow
 from service.delivery.commitment import CommitmentReport
 from service.dicom import spool
@@ -92,6 +95,14 @@ class StoreContext:
     on_commitment_report: Callable[[CommitmentReport], None] | None = None
     #: Counts, records and audits each association (None: not recorded).
     associations: AssociationRecorder | None = None
+    _ingest_writer: IngestWriter | None = field(default=None, repr=False, compare=False)
+
+    def ingest_writer(self) -> IngestWriter:
+        """The C-STORE path's database writer, on the session factory's engine."""
+        writer = self._ingest_writer
+        if writer is None:
+            writer = self._ingest_writer = IngestWriter(self.session_factory.kw["bind"])
+        return writer
 
     def has_room_for(self, size: int) -> bool:
         """True if ``size`` more bytes leave at least the reserve free; logs transitions."""
@@ -249,20 +260,20 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
     temporary: Path | None = None
     in_place = False
     try:
-        with context.session_factory() as session:
+        with context.ingest_writer().transaction() as transaction:
             size = received.stat().st_size
             if not context.has_room_for(size):
-                if _count_if_duplicate(sop_instance_uid, session):
+                if transaction.count_duplicate(sop_instance_uid):  # nothing new to write
+                    transaction.commit()
                     context.touch(event, fields.series_uid)
                     log.info("duplicate SOP Instance UID %s from AE %s: kept the first copy",
                              sop_instance_uid, calling_ae)
-                    return SUCCESS  # nothing new to write
+                    return SUCCESS
                 return _status(OUT_OF_RESOURCES, "spool below its free-space reserve")
             # A duplicate is found by the insert below: no query before it, since
             # duplicates are rare and every statement costs CPU on every instance.
             temporary = spool.adopt(received, target)
-            new = repository.record_instance(
-                session=session,
+            new = transaction.record_instance(
                 study_instance_uid=fields.study_uid,
                 series_instance_uid=fields.series_uid,
                 sop_instance_uid=sop_instance_uid,
@@ -282,7 +293,8 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
                 # same SOP Instance UID waits on it, so this rename cannot race.
                 in_place = True
                 spool.move_into_place(temporary, target, root=context.spool_dir)
-            session.commit()
+                temporary = None  # renamed: nothing left to delete
+            transaction.commit()
     except (OSError, SQLAlchemyError) as exc:
         if in_place:
             target.unlink(missing_ok=True)  # renamed but not recorded: never acknowledged
@@ -291,7 +303,7 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
         return _status(OUT_OF_RESOURCES, "cannot write or record the instance")
     finally:
         if temporary is not None:
-            temporary.unlink(missing_ok=True)  # gone already if it was renamed
+            temporary.unlink(missing_ok=True)  # a duplicate, or not renamed: not kept
     context.touch(event, fields.series_uid)
     if not new:
         log.info("duplicate SOP Instance UID %s from AE %s: kept the first copy",
@@ -300,15 +312,6 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
         log.debug("stored %s (series %s) from AE %s", sop_instance_uid, fields.series_uid,
                   calling_ae)
     return SUCCESS
-
-
-def _count_if_duplicate(sop_instance_uid: str, session: Session) -> bool:
-    """Count (and commit) one more arrival if the instance is stored already."""
-    if not repository.instance_exists(sop_instance_uid, session=session):
-        return False
-    repository.count_duplicate(sop_instance_uid, session=session)
-    session.commit()
-    return True
 
 
 def _called_ae(event: evt.Event) -> str:
@@ -343,6 +346,11 @@ _TAGS = frozenset(Tag(keyword) for keyword in (
     "ImagesInAcquisition"))
 
 
+#: Data sets up to this size are read into memory for the walk; larger ones (multi-frame,
+#: whole-body) are walked in the file, whose values the walk skips.
+_WALK_IN_MEMORY_BYTES = 256 << 10
+
+
 def _unparseable(exc: Exception) -> InvalidInstanceError:
     return InvalidInstanceError(f"cannot parse data set: {type(exc).__name__}",
                                 CANNOT_UNDERSTAND)
@@ -364,10 +372,16 @@ def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
             "SOP Class differs from the presentation context", DATASET_DOES_NOT_MATCH_SOP_CLASS)
     with received.open("rb") as handle:  # one open, one walk over the elements
         spool.start_writeback(handle.fileno())  # overlaps the checks below
-        handle.seek(dataset_offset(handle))
+        offset = dataset_offset(handle)
+        handle.seek(offset)
+        # pydicom's reader asks for the position several times per element, and a file's
+        # tell() is a system call: a data set that is not large is walked in memory.
+        source: BinaryIO = handle
+        if os.fstat(handle.fileno()).st_size - offset <= _WALK_IN_MEMORY_BYTES:
+            source = io.BytesIO(handle.read())
         # The structure check keeps the elements of _TAGS as it walks past them: the
         # values and VRs that dcmread(stop_before_pixels=True, specific_tags=...) gives.
-        dataset = check_complete_and_read(handle, event.context.transfer_syntax, _TAGS)
+        dataset = check_complete_and_read(source, event.context.transfer_syntax, _TAGS)
         if dataset is None:  # an odd top level (group 0000, VR encoding): as dcmread reads it
             handle.seek(0)
             dataset = _parse(lambda: dcmread(handle, stop_before_pixels=True,

@@ -1,0 +1,330 @@
+"""The C-STORE path's SQL: compiled once per dialect, run on the DBAPI connection.
+
+The SCP records every received instance with three statements (an upsert of
+the series, an insert of the instance, the series' counters) and a commit.
+Through a SQLAlchemy ``Session`` and ``Connection.execute`` the statements
+are found in the compiled cache, yet each call still builds an execution
+context, processes parameters and results and runs the ORM's transaction
+bookkeeping: on this project's test machine ~0.25 ms of CPU per instance
+against ~0.04 ms for the same statements through the driver (SQLite,
+synchronous off, 2000 rows), on the path the sending modality waits on.
+
+The statements are still SQLAlchemy constructs built from the tables of
+:mod:`service.db.models`. :class:`IngestSQL` compiles each once for the
+engine's dialect (SQLite or PostgreSQL with psycopg 3), remembers the order
+and the bind processors of its parameters (SQLite's ``DateTime`` is stored as
+text) and runs it with the DBAPI cursor, so the rows are the ones SQLAlchemy
+would write (the unit tests compare them). A driver error is raised as
+SQLAlchemy's wrapper of it (:meth:`sqlalchemy.exc.DBAPIError.instance`), as
+``Connection.execute`` raises it.
+
+:class:`IngestWriter` gives the SCP a transaction on a pooled connection
+without a ``Session``; :func:`service.db.repository.record_instance` runs the
+same SQL inside a caller's ``Session``.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, Executable, Table, bindparam, func, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine.interfaces import Dialect
+from sqlalchemy.exc import DBAPIError
+
+from service.db.models import Instance, Series
+
+_SERIES: Table = Series.__table__  # type: ignore[assignment]
+_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+
+#: The parameters of the two INSERTs: every column the C-STORE path sets (the
+#: others take their server defaults or NULL).
+_SERIES_COLUMNS = ("series_instance_uid", "study_instance_uid", "modality",
+                   "calling_ae_title", "called_ae_title", "peer_address", "state",
+                   "instance_count", "first_received_at", "last_received_at", "expected_count")
+_INSTANCE_COLUMNS = ("series_id", "sop_instance_uid", "sop_class_uid", "transfer_syntax_uid",
+                     "path", "size_bytes", "received_at", "calling_ae_title", "duplicates")
+
+
+@dataclass(frozen=True)
+class IngestStatements:
+    """The C-STORE path's statements for one dialect."""
+
+    #: INSERT the series or touch nothing; RETURNING its id either way.
+    upsert_series: Executable
+    #: INSERT the instance unless its SOP Instance UID is there; RETURNING its
+    #: id only if it was added.
+    insert_instance: Executable
+    #: One more instance: counters, last arrival, back to ``receiving``.
+    add_to_series: Executable
+    #: One more arrival of a stored SOP Instance UID.
+    count_duplicate: Executable
+
+
+@functools.cache
+def ingest_statements(dialect: str) -> IngestStatements:
+    """The statements for ``dialect`` (``"sqlite"`` or ``"postgresql"``), built once."""
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    upsert = module.insert(_SERIES)
+    series = _SERIES.c
+    instances = _INSTANCES.c
+    return IngestStatements(
+        # The no-op DO UPDATE makes RETURNING give the existing row's id too.
+        upsert_series=upsert.on_conflict_do_update(
+            index_elements=["series_instance_uid"],
+            set_={"series_instance_uid": upsert.excluded.series_instance_uid},
+        ).returning(series.id),
+        insert_instance=module.insert(_INSTANCES).on_conflict_do_nothing(
+            index_elements=["sop_instance_uid"]).returning(instances.id),
+        add_to_series=update(_SERIES).where(series.id == bindparam("b_series_id")).values(
+            instance_count=series.instance_count + 1,
+            last_received_at=bindparam("b_received_at", type_=series.last_received_at.type),
+            state="receiving",
+            routed_at=None,
+            expected_count=func.coalesce(series.expected_count, bindparam(
+                "b_expected_count", type_=series.expected_count.type)),
+        ),
+        count_duplicate=update(_INSTANCES)
+        .where(instances.sop_instance_uid == bindparam("b_sop_instance_uid"))
+        .values(duplicates=instances.duplicates + 1),
+    )
+
+
+class _Compiled:
+    """One statement compiled for a dialect: its SQL and how to turn values into parameters."""
+
+    def __init__(self, statement: Executable, dialect: Dialect,
+                 column_keys: tuple[str, ...] | None = None) -> None:
+        compiled = statement.compile(  # type: ignore[attr-defined]
+            dialect=dialect, column_keys=list(column_keys) if column_keys else None)
+        self.sql: str = compiled.string
+        defaults = compiled.construct_params(_check=False)
+        self.order: tuple[str, ...] | None = (
+            tuple(compiled.positiontup) if dialect.positional else None)
+        names = self.order if self.order is not None else tuple(defaults)
+        #: Values fixed in the statement (``state='receiving'``), by parameter name.
+        self.constants: dict[str, Any] = {
+            name: value for name, value in defaults.items()
+            if name not in (column_keys or ()) and not name.startswith("b_")}
+        self.processors: dict[str, Callable[[Any], Any]] = {}
+        for name in names:
+            processor = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                self.processors[name] = processor
+
+    def parameters(self, values: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        """The DBAPI parameters for ``values`` (by column or bind name)."""
+        merged = {**self.constants, **values}
+        for name, processor in self.processors.items():
+            merged[name] = processor(merged[name])
+        if self.order is None:
+            return merged
+        return tuple(merged[name] for name in self.order)
+
+
+class IngestSQL:
+    """The C-STORE path's statements compiled for one dialect, run on a DBAPI connection.
+
+    Parameters
+    ----------
+    dialect : sqlalchemy.engine.interfaces.Dialect
+        The engine's dialect (its driver must be loaded).
+    """
+
+    def __init__(self, dialect: Dialect) -> None:
+        statements = ingest_statements(dialect.name)
+        self.dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
+        self.upsert_series = _Compiled(statements.upsert_series, dialect, _SERIES_COLUMNS)
+        self.insert_instance = _Compiled(statements.insert_instance, dialect, _INSTANCE_COLUMNS)
+        self.add_to_series = _Compiled(statements.add_to_series, dialect)
+        self.count_duplicate = _Compiled(statements.count_duplicate, dialect)
+
+    def _run(self, connection: Any, statement: _Compiled, values: dict[str, Any],
+             fetch: bool) -> tuple[Any, int]:
+        parameters = statement.parameters(values)
+        cursor = connection.cursor()
+        try:
+            cursor.execute(statement.sql, parameters)
+            row = cursor.fetchone() if fetch else None
+            return row, int(cursor.rowcount)
+        except self.dbapi_error as exc:
+            raise DBAPIError.instance(statement.sql, parameters, exc,
+                                      self.dbapi_error) from exc
+        finally:
+            cursor.close()
+
+    def record_instance(self, connection: Any, *, study_instance_uid: str,
+                        series_instance_uid: str, sop_instance_uid: str, sop_class_uid: str,
+                        transfer_syntax_uid: str, modality: str, path: str, size_bytes: int,
+                        calling_ae_title: str, received_at: datetime,
+                        expected_count: int | None = None, called_ae_title: str = "",
+                        peer_address: str = "") -> bool:
+        """Record a stored instance and update its series, in the connection's transaction.
+
+        See :func:`service.db.repository.record_instance` for the rules;
+        nothing is committed.
+
+        Parameters
+        ----------
+        connection : DBAPI connection
+            sqlite3 or psycopg, of the engine this was compiled for.
+        study_instance_uid, series_instance_uid, sop_instance_uid, sop_class_uid : str
+            The instance's UIDs (validated by the caller).
+        transfer_syntax_uid : str
+            The transfer syntax it was received in.
+        modality : str
+            Modality (0008,0060), at most 16 characters.
+        path : str
+            Spool-relative path of its file.
+        size_bytes : int
+            Size of its file, bytes.
+        calling_ae_title, called_ae_title : str
+            AE titles of the association that stored it.
+        received_at : datetime.datetime
+            When it was received, timezone-aware UTC.
+        expected_count : int, optional
+            Images in Acquisition (0020,1002), if the instance carries it.
+        peer_address : str
+            The sender's IP address.
+
+        Returns
+        -------
+        bool
+            True if the instance is new, False for a known SOP Instance UID
+            (then only its duplicate counter changes).
+
+        Raises
+        ------
+        sqlalchemy.exc.DBAPIError
+            A subclass (``OperationalError``, ``IntegrityError``...) wrapping the driver's error.
+        """
+        row, _ = self._run(connection, self.upsert_series, {
+            "series_instance_uid": series_instance_uid,
+            "study_instance_uid": study_instance_uid,
+            "modality": modality,
+            "calling_ae_title": calling_ae_title,
+            "called_ae_title": called_ae_title,
+            "peer_address": peer_address,
+            "state": "receiving",
+            "instance_count": 0,
+            "first_received_at": received_at,
+            "last_received_at": received_at,
+            "expected_count": expected_count,
+        }, fetch=True)
+        series_id = row[0]
+        added, _ = self._run(connection, self.insert_instance, {
+            "series_id": series_id,
+            "sop_instance_uid": sop_instance_uid,
+            "sop_class_uid": sop_class_uid,
+            "transfer_syntax_uid": transfer_syntax_uid,
+            "path": path,
+            "size_bytes": size_bytes,
+            "received_at": received_at,
+            "calling_ae_title": calling_ae_title,
+            "duplicates": 0,
+        }, fetch=True)
+        if added is None:
+            self.count_duplicate_of(connection, sop_instance_uid)
+            return False
+        self._run(connection, self.add_to_series, {
+            "b_series_id": series_id,
+            "b_received_at": received_at,
+            "b_expected_count": expected_count,
+        }, fetch=False)
+        return True
+
+    def count_duplicate_of(self, connection: Any, sop_instance_uid: str) -> bool:
+        """Count one more arrival of a stored SOP Instance UID; False if it is not stored.
+
+        Raises
+        ------
+        sqlalchemy.exc.DBAPIError
+            Wrapping the driver's error.
+        """
+        _, count = self._run(connection, self.count_duplicate,
+                             {"b_sop_instance_uid": sop_instance_uid}, fetch=False)
+        return count > 0
+
+
+_compiled_for: weakref.WeakKeyDictionary[Dialect, IngestSQL] = weakref.WeakKeyDictionary()
+_compiling = threading.Lock()
+
+
+def ingest_sql(dialect: Dialect) -> IngestSQL:
+    """:class:`IngestSQL` for ``dialect`` (an engine's), compiled once per dialect object."""
+    found = _compiled_for.get(dialect)
+    if found is None:
+        with _compiling:
+            found = _compiled_for.get(dialect)
+            if found is None:
+                found = _compiled_for[dialect] = IngestSQL(dialect)
+    return found
+
+
+class IngestWriter:
+    """The SCP's transactions: a pooled DBAPI connection, no ``Session``.
+
+    Parameters
+    ----------
+    engine : sqlalchemy.Engine
+        The node's engine; connections come from its pool (for PostgreSQL
+        with its pre-ping, as a ``Session`` would get them).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sql = ingest_sql(engine.dialect)
+
+    @contextmanager
+    def transaction(self) -> Iterator[IngestTransaction]:
+        """A transaction on a pooled connection: rolled back unless committed.
+
+        Raises
+        ------
+        sqlalchemy.exc.SQLAlchemyError
+            If no connection can be had (pool timeout, database unreachable).
+        """
+        try:
+            connection = self.engine.raw_connection()
+        except self.sql.dbapi_error as exc:  # Engine.connect() wraps these; the pool does not
+            raise DBAPIError.instance(None, None, exc, self.sql.dbapi_error) from exc
+        try:
+            yield IngestTransaction(connection, self.sql)
+        finally:
+            connection.close()  # back to the pool, which rolls back what was not committed
+
+
+class IngestTransaction:
+    """One transaction of the C-STORE path (see :class:`IngestWriter`)."""
+
+    def __init__(self, connection: Any, sql: IngestSQL) -> None:
+        self.connection = connection
+        self.sql = sql
+
+    def record_instance(self, **values: Any) -> bool:
+        """:meth:`IngestSQL.record_instance` in this transaction."""
+        return self.sql.record_instance(self.connection, **values)
+
+    def count_duplicate(self, sop_instance_uid: str) -> bool:
+        """:meth:`IngestSQL.count_duplicate_of` in this transaction."""
+        return self.sql.count_duplicate_of(self.connection, sop_instance_uid)
+
+    def commit(self) -> None:
+        """Commit.
+
+        Raises
+        ------
+        sqlalchemy.exc.DBAPIError
+            Wrapping the driver's error (e.g. a disk full at the WAL write).
+        """
+        try:
+            self.connection.commit()
+        except self.sql.dbapi_error as exc:
+            raise DBAPIError.instance("COMMIT", None, exc, self.sql.dbapi_error) from exc
