@@ -18,6 +18,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from celery import Celery
+from pydicom.filereader import read_file_meta_info
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,6 +27,7 @@ from service.db import migrate, repository
 from service.db.models import Delivery
 from service.db.session import check_connection, make_engine, make_session_factory, utcnow
 from service.delivery.dispatch import Dispatcher
+from service.dicom import spool
 from service.errors import ConfigError
 from service.metrics import NodeMetrics
 from service.queue import broker_probe, describe_broker, make_celery
@@ -63,22 +65,91 @@ def remove_interrupted_writes(*folders: Path) -> int:
     """Delete temporary files of writes a crash interrupted; return how many.
 
     They were never renamed into place, so never acknowledged to a peer
-    (the SCP answers Success only after the rename and the database row),
-    were made ahead for data sets that never came (``<spool>/.incoming/
-    receiving-*``, :mod:`service.scp.receive`), or
+    (the SCP answers Success only after the rename and the database row), or
     never became a broker message (:class:`service.queue.SpoolChannel`: the
     job stays queued in the database and the sweeper publishes it again).
+    The SCP's received files (``<spool>/.incoming``) are :func:`recover_incoming`'s.
     """
     removed = 0
     for folder in folders:
-        partials = [*folder.rglob(".incoming-*.tmp"), *folder.glob(".incoming/*"),
-                    *folder.glob(".writing-*")]
+        partials = [*folder.rglob(".incoming-*.tmp"), *folder.glob(".writing-*")]
         for partial in partials:
             partial.unlink(missing_ok=True)
             removed += 1
     if removed:
         log.warning("removed %d partial file(s) left by an interrupted write", removed)
     return removed
+
+
+def recover_incoming(spool_dir: Path, session_factory: sessionmaker[Session]) -> int:
+    """Rename back into the spool each acknowledged instance a crash left in ``.incoming``.
+
+    The SCP receives each data set into a file made ahead in
+    ``<spool>/.incoming`` (:mod:`service.scp.receive`), whose name is on disk
+    before the data set arrives. Before it answers Success it fsyncs the
+    file's data, renames it into the spool and commits the instance's row,
+    but it does not wait for the rename to reach the disk: after a power
+    loss the file can be back under its ``receiving-*`` name. Such a file is
+    the instance of a row whose file is missing: same SOP Instance UID (its
+    File Meta), same size, series not purged. It is renamed to the row's
+    path, the directories fsynced. Every other file there was never
+    acknowledged (cut off, refused, a duplicate, or made ahead and never
+    used) and is deleted.
+
+    Parameters
+    ----------
+    spool_dir : pathlib.Path
+        The spool; its ``.incoming`` folder is searched.
+    session_factory : sessionmaker
+        The node's database.
+
+    Returns
+    -------
+    int
+        How many instances were renamed back.
+    """
+    incoming = spool_dir / ".incoming"
+    if not incoming.is_dir():
+        return 0
+    recovered = partial = 0
+    files = sorted(incoming.glob("receiving-*"), key=lambda p: p.stat().st_mtime_ns)
+    with session_factory() as session:
+        for path in files:
+            target = _recovery_target(path, spool_dir, session)
+            if target is not None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                spool.move_into_place(path, target, root=spool_dir)
+                log.warning("recovered %s into the spool: its rename was cut off by a crash",
+                            target.stem)
+                recovered += 1
+                continue
+            if path.stat().st_size:
+                partial += 1
+            path.unlink(missing_ok=True)
+    if partial:
+        log.warning("removed %d received file(s) that were never acknowledged (cut off by a "
+                    "stop or crash, or refused)", partial)
+    return recovered
+
+
+def _recovery_target(path: Path, spool_dir: Path, session: Session) -> Path | None:
+    """The spool path a ``receiving-*`` file belongs at, or None if it is no stored instance."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return None
+        meta = read_file_meta_info(path)
+        sop_instance_uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
+    except Exception:  # noqa: BLE001 - anything unreadable is no acknowledged instance
+        return None
+    row = repository.stored_instance(sop_instance_uid, session=session)
+    if row is None or row.size_bytes != size or row.series.purged_at is not None:
+        return None
+    root = spool_dir.resolve()
+    target = (root / row.path).resolve()
+    if not target.is_relative_to(root) or target.exists():
+        return None
+    return target
 
 
 def private_data_dir(data_dir: Path) -> bool:
@@ -314,6 +385,7 @@ class Node:
                              pool_timeout_s=s.database.pool_timeout_s)
         check_connection(engine)
         factory = make_session_factory(engine)
+        recover_incoming(s.spool_dir, factory)  # before the SCP makes files there again
         with factory() as session:
             # A delivery interrupted by a stop is tried again.
             session.execute(update(Delivery).where(Delivery.state == "sending")

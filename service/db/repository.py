@@ -33,6 +33,12 @@ def instance_exists(sop_instance_uid: str, *, session: Session) -> bool:
     return found is not None
 
 
+def stored_instance(sop_instance_uid: str, *, session: Session) -> Instance | None:
+    """The instance row of this SOP Instance UID (with its series), None if there is none."""
+    return session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).first()
+
+
 def count_duplicate(sop_instance_uid: str, *, session: Session) -> None:
     """Count one more arrival of an already stored SOP Instance UID (the first is kept)."""
     sql, connection = _ingest(session)

@@ -24,8 +24,15 @@ def relative_path(study_uid: str, series_uid: str, sop_instance_uid: str) -> str
     return f"{study_uid}/{series_uid}/{sop_instance_uid}.dcm"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_directory(path: Path) -> None:
+    """Fsync a directory, so that the entries made or renamed in it survive a power loss.
+
+    Raises
+    ------
+    OSError
+        If it cannot be opened or synced.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -153,13 +160,19 @@ def adopt(received: Path, target: Path) -> Path:
     return temporary
 
 
-def move_into_place(temporary: Path, target: Path, root: Path | None = None) -> None:
+def move_into_place(temporary: Path, target: Path, root: Path | None = None, *,
+                    sync_directories: bool = True) -> None:
     """Rename a fsynced temporary file over ``target`` atomically and fsync the directories.
 
     ``target``'s directory is fsynced, and so is each directory above it up
     to ``root`` (exclusive) the first time this process puts a file below it,
     so that new directory entries survive a power loss while an instance of
     a known series costs a single directory fsync.
+
+    ``sync_directories=False`` leaves the rename to the file system's own
+    journal commit (seconds later). Only for a file whose own name is on
+    disk and that a recovery after a crash finds by that name and renames
+    again: the SCP's received files (:func:`service.node.recover_incoming`).
 
     Raises
     ------
@@ -168,12 +181,14 @@ def move_into_place(temporary: Path, target: Path, root: Path | None = None) -> 
         must be removed (it may already be in place).
     """
     os.replace(temporary, target)
-    _fsync_dir(target.parent)  # the new entry of target
+    if not sync_directories:
+        return
+    fsync_directory(target.parent)  # the new entry of target
     if root is None:
         return
     child = target.parent
     while child != root and child.is_relative_to(root) and child not in _durable_dirs:
-        _fsync_dir(child.parent)  # the entry of child, in case child is new
+        fsync_directory(child.parent)  # the entry of child, in case child is new
         if len(_durable_dirs) >= _DURABLE_DIRS_MAX:
             _durable_dirs.clear()
         _durable_dirs.add(child)

@@ -37,6 +37,7 @@ from service.dicom import spool
 from service.dicom.inspect import check_complete_and_read, dataset_offset
 from service.dicom.uids import printable, require_uid
 from service.errors import InvalidInstanceError
+from service.scp import receive
 from service.scp.associations import AssociationRecorder
 from service.scp.policy import reason_of
 
@@ -249,6 +250,7 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
     request: Any = event.request  # a C_STORE primitive for EVT_C_STORE
     try:
         received = Path(event.dataset_path)  # pynetdicom wrote it as it arrived
+        durably_named = receive.named_durably(received)  # asked once per file, refused or not
         fields = _read_fields(event, request, received)
     except InvalidInstanceError as exc:
         log.warning("C-STORE refused from AE %s: %s (status 0x%04X)", calling_ae, exc, exc.status)
@@ -273,6 +275,9 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
             # A duplicate is found by the insert below: no query before it, since
             # duplicates are rare and every statement costs CPU on every instance.
             temporary = spool.adopt(received, target)
+            # A file made ahead is durable under its own name once fsynced: after a
+            # power loss that undoes the rename below, recovery finds it by that name.
+            renamed_on_recovery = durably_named and temporary == received
             new = transaction.record_instance(
                 study_instance_uid=fields.study_uid,
                 series_instance_uid=fields.series_uid,
@@ -292,7 +297,8 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
                 # The row is inserted but not committed: a concurrent store of the
                 # same SOP Instance UID waits on it, so this rename cannot race.
                 in_place = True
-                spool.move_into_place(temporary, target, root=context.spool_dir)
+                spool.move_into_place(temporary, target, root=context.spool_dir,
+                                      sync_directories=not renamed_on_recovery)
                 temporary = None  # renamed: nothing left to delete
             transaction.commit()
     except (OSError, SQLAlchemyError) as exc:

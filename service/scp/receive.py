@@ -47,6 +47,8 @@ from pydicom.filewriter import write_file_meta_info
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import create_file_meta
 
+from service.dicom import spool
+
 log = logging.getLogger("radnode.scp")
 
 _MAKE_FILE = tempfile.NamedTemporaryFile
@@ -166,7 +168,11 @@ class IncomingFiles:
 
     def __init__(self, directory: Path, depth: int = 4) -> None:
         self.directory = directory
-        self._ready: queue.Queue[IO[bytes]] = queue.Queue(maxsize=max(1, depth))
+        self._depth = max(1, depth)
+        self._ready: queue.Queue[IO[bytes]] = queue.Queue(maxsize=self._depth)
+        self._lock = threading.Lock()
+        #: Names of files made ahead whose directory entry is on disk (fsynced).
+        self._durable: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: Files handed out ready, and files made on the spot (none was ready).
@@ -186,7 +192,9 @@ class IncomingFiles:
         failing = False
         while not self._stop.is_set():
             try:
-                handle = self._make()
+                # As many as there is room for, then one fsync of the directory for all.
+                made = [self._make() for _ in range(max(1, self._depth - self._ready.qsize()))]
+                spool.fsync_directory(self.directory)
             except OSError as exc:
                 if not failing:
                     log.warning("cannot make files ahead in %s (%s); each is made as its "
@@ -195,10 +203,15 @@ class IncomingFiles:
                 self._stop.wait(1.0)
                 continue
             failing = False
-            while not self._put(handle):
-                if self._stop.is_set():
-                    _discard(handle)
-                    return
+            for handle in made:
+                with self._lock:
+                    self._durable.add(handle.name)
+                while not self._put(handle):
+                    if self._stop.is_set():
+                        for left in made:
+                            self.named_durably(Path(left.name))
+                            _discard(left)
+                        return
 
     def _put(self, handle: IO[bytes]) -> bool:
         try:
@@ -222,9 +235,26 @@ class IncomingFiles:
             self._thread.join(timeout=5)
         while True:
             try:
-                _discard(self._ready.get_nowait())
+                handle = self._ready.get_nowait()
             except queue.Empty:
                 return
+            self.named_durably(Path(handle.name))
+            _discard(handle)
+
+    def named_durably(self, path: Path) -> bool:
+        """True once for a file handed out whose name in ``directory`` is known to be on disk.
+
+        The file was made ahead and ``directory`` fsynced after it, so its
+        entry survives a power loss: once its data are fsynced, the file is
+        durable under this name even before it is renamed into the spool.
+        False for a file made on the spot, or one asked about before.
+        """
+        with self._lock:
+            try:
+                self._durable.remove(str(path))
+            except KeyError:
+                return False
+        return True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """A file for a received data set: a ready one if the call is pynetdicom's."""
@@ -237,6 +267,12 @@ class IncomingFiles:
             self.handed += 1
             return handle
         return _MAKE_FILE(*args, **kwargs)
+
+
+def named_durably(path: Path) -> bool:
+    """:meth:`IncomingFiles.named_durably` of the installed files; False if none are."""
+    files = _active
+    return files is not None and files.named_durably(path)
 
 
 def _discard(handle: IO[bytes]) -> None:

@@ -252,6 +252,41 @@ def test_sigterm_drains_associations_in_flight(tmp_path: Path, ct_series_dir: Pa
     assert spool_is_consistent(node.folder) == 134
 
 
+def test_a_power_loss_that_undid_renames_loses_nothing(tmp_path: Path,
+                                                      ct_series_dir: Path) -> None:
+    """The state a power loss can leave: rows committed, files back under receiving-* names.
+
+    The SCP fsyncs each file's data and commits its row before Success, but leaves the
+    rename into the spool to the file system's journal (the file's own name in
+    ``.incoming`` was on disk before the data set came). A real power loss cannot be
+    caused here; its outcome is made by hand: the last files moved back, a cut-off file.
+    """
+    node = start_node(tmp_path, "--no-worker", quiet_period=3600)
+    try:
+        sender = storescu(node.port, ct_series_dir)
+        assert sender.wait(timeout=120) == 0, sender.stdout.read() if sender.stdout else ""
+    finally:
+        stop(node.process)
+    spool = node.folder / "spool"
+    paths = sorted(path for (path,) in query(node.folder, "select path from instances"))
+    assert len(paths) == 134
+    originals = {path: (spool / path).read_bytes() for path in paths}
+    undone = paths[-20:]  # the last instances received, whose renames were not committed
+    for number, path in enumerate(undone):
+        (spool / path).rename(spool / ".incoming" / f"receiving-lost{number:03d}")
+    (spool / ".incoming" / "receiving-cutoff").write_bytes(originals[undone[0]][:5000])
+    (spool / ".incoming" / "receiving-ready").write_bytes(b"")
+
+    restarted = start_node(tmp_path, "--no-worker", quiet_period=3600)
+    stop(restarted.process)
+    assert spool_is_consistent(restarted.folder) == 134
+    assert all((spool / path).read_bytes() == data for path, data in originals.items())
+    assert list((spool / ".incoming").glob("receiving-lost*")) == []
+    log = restarted.log.read_text()
+    assert log.count("its rename was cut off by a crash") == 20
+    assert "removed 1 received file(s) that were never acknowledged" in log
+
+
 def _redis_server(port: int, log: Path) -> subprocess.Popen[bytes]:
     """A private Redis without persistence (as the broker of a real deployment may run)."""
     exe = shutil.which("redis-server")

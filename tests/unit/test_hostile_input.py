@@ -872,7 +872,7 @@ def test_failed_directory_fsync_leaves_no_unrecorded_file(
     def failing_fsync(path: Path) -> None:
         raise OSError(errno.EIO, "injected I/O error")
 
-    monkeypatch.setattr(spool, "_fsync_dir", failing_fsync)
+    monkeypatch.setattr(spool, "fsync_directory", failing_fsync)
     part = own_lab.part(CT_SMALL)
     status = own_lab.send(part)
     monkeypatch.undo()

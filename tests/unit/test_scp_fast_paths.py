@@ -29,6 +29,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from service.config import DicomSettings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
+from service.dicom import spool
 from service.scp import receive
 from service.scp.handlers import StoreContext
 from service.scp.responses import answer_successes_directly, encode_store_success
@@ -207,6 +208,32 @@ def test_with_none_ready_a_file_is_made_on_the_spot(tmp_path: Path) -> None:
     handle = files(delete=False, mode="wb", suffix=".dcm")
     handle.close()
     assert files.made_on_the_spot == 1 and Path(handle.name).parent == tmp_path
+    assert not files.named_durably(Path(handle.name))  # its name may not be on disk yet
+
+
+def test_a_ready_file_is_named_durably_once_its_directory_is_fsynced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[tuple[Path, set[str]]] = []
+    real_fsync = spool.fsync_directory
+
+    def recording(path: Path) -> None:
+        real_fsync(path)
+        synced.append((path, {p.name for p in path.iterdir()}))
+
+    monkeypatch.setattr(spool, "fsync_directory", recording)
+    files = receive.IncomingFiles(tmp_path / "incoming", depth=2).start()
+    try:
+        _wait_for(lambda: files.ready == 2)
+        handle = files(delete=False, mode="wb", suffix=".dcm")
+        handle.close()
+        name = Path(handle.name)
+        # The directory was fsynced with the file's entry in it before it was handed out.
+        assert any(path == tmp_path / "incoming" and name.name in names
+                   for path, names in synced)
+        assert files.named_durably(name)
+        assert not files.named_durably(name)  # asked once: the name is forgotten
+    finally:
+        files.stop()
 
 
 def test_install_replaces_and_uninstall_restores_pynetdicom(tmp_path: Path) -> None:
@@ -301,3 +328,33 @@ def test_a_real_association_uses_both_and_stores_what_pydicom_reads(
         assert stored.SeriesInstanceUID == ds.SeriesInstanceUID
         assert stored.PixelData == ds.PixelData
 
+
+
+def test_a_file_made_ahead_is_renamed_into_the_spool_without_directory_fsyncs(
+        scp: tuple[int, Path, receive.IncomingFiles], monkeypatch: pytest.MonkeyPatch) -> None:
+    port, spool_dir, files = scp
+    _wait_for(lambda: files.ready >= 2)
+    synced: list[Path] = []
+    real_fsync = spool.fsync_directory
+
+    def recording(path: Path) -> None:
+        synced.append(path)
+        real_fsync(path)
+
+    monkeypatch.setattr(spool, "fsync_directory", recording)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    sent = [make_ct_dataset(rows=16, columns=16) for _ in range(2)]
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADNODE")
+    assert assoc.is_established
+    try:
+        assert [int(assoc.send_c_store(ds).Status) for ds in sent] == [0, 0]
+    finally:
+        assoc.release()
+    assert files.handed >= 2
+    # Only the ready files' own folder was fsynced (refilled); the spool's folders were
+    # left to the journal, since a crash that undoes a rename is undone by recovery.
+    assert {path.name for path in synced} <= {".incoming"}
+    for ds in sent:
+        (path,) = spool_dir.rglob(f"{ds.SOPInstanceUID}.dcm")
+        assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
