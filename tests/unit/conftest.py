@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import scheduler
@@ -31,6 +32,19 @@ def session_factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
         yield make_session_factory(engine)
     finally:
         engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def either_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
+    """A migrated, empty database: SQLite in ``tmp_path``, then PostgreSQL (one test each)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'radnode.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    request.addfinalizer(engine.dispose)
+    return engine
 
 
 @pytest.fixture

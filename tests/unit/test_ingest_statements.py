@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import migrate, repository
+from service.db import repository
 from service.db.models import Instance, Series
-from service.db.session import make_engine, make_session_factory
+from service.db.session import make_session_factory
 from tests.unit.conftest import T0
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def factory(request: pytest.FixtureRequest, tmp_path: Path) -> sessionmaker[Session]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'radnode.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    request.addfinalizer(engine.dispose)
-    return make_session_factory(engine)
+@pytest.fixture
+def factory(either_engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(either_engine)
 
 
 def _record(factory: sessionmaker[Session], series_uid: str, sop_uid: str, *,

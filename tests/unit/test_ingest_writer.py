@@ -12,7 +12,6 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import migrate
 from service.db.ingest import IngestWriter, ingest_sql, ingest_statements
 from service.db.models import Instance, Series
 from service.db.session import make_engine, make_session_factory
@@ -22,16 +21,9 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'radnode.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    migrate.upgrade(url)
-    made = make_engine(url)
-    request.addfinalizer(made.dispose)
-    return made
+@pytest.fixture
+def engine(either_engine: Engine) -> Engine:
+    return either_engine
 
 
 def _values(series_uid: str, sop_uid: str, *, at: datetime = T0,
