@@ -112,19 +112,24 @@ def recover_incoming(spool_dir: Path, session_factory: sessionmaker[Session]) ->
     if not incoming.is_dir():
         return 0
     recovered = partial = 0
-    files = sorted(incoming.glob("receiving-*"), key=lambda p: p.stat().st_mtime_ns)
+    found: list[tuple[int, int, Path]] = []  # (mtime, size, path): the earliest copy first
+    for path in incoming.glob("receiving-*"):
+        try:
+            status = path.stat()
+        except FileNotFoundError:
+            continue
+        found.append((status.st_mtime_ns, status.st_size, path))
     with session_factory() as session:
-        for path in files:
-            target = _recovery_target(path, spool_dir, session)
-            if target is not None:
+        for _mtime, size, path in sorted(found):
+            target = _recovery_target(path, size, spool_dir, session) if size else None
+            if target is not None:  # an OSError here stops the start: nothing is deleted
                 target.parent.mkdir(parents=True, exist_ok=True)
                 spool.move_into_place(path, target, root=spool_dir)
                 log.warning("recovered %s into the spool: its rename was cut off by a crash",
                             target.stem)
                 recovered += 1
                 continue
-            if path.stat().st_size:
-                partial += 1
+            partial += 1 if size else 0
             path.unlink(missing_ok=True)
     if partial:
         log.warning("removed %d received file(s) that were never acknowledged (cut off by a "
@@ -132,12 +137,10 @@ def recover_incoming(spool_dir: Path, session_factory: sessionmaker[Session]) ->
     return recovered
 
 
-def _recovery_target(path: Path, spool_dir: Path, session: Session) -> Path | None:
+def _recovery_target(path: Path, size: int, spool_dir: Path,
+                     session: Session) -> Path | None:
     """The spool path a ``receiving-*`` file belongs at, or None if it is no stored instance."""
     try:
-        size = path.stat().st_size
-        if size == 0:
-            return None
         meta = read_file_meta_info(path)
         sop_instance_uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
     except Exception:  # noqa: BLE001 - anything unreadable is no acknowledged instance
