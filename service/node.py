@@ -143,7 +143,7 @@ def _recovery_target(path: Path, size: int, spool_dir: Path,
     try:
         meta = read_file_meta_info(path)
         sop_instance_uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
-    except Exception:  # noqa: BLE001 - anything unreadable is no acknowledged instance
+    except Exception:  # anything unreadable is no acknowledged instance
         return None
     row = repository.stored_instance(sop_instance_uid, session=session)
     if row is None or row.size_bytes != size or row.series.purged_at is not None:

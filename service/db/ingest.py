@@ -105,17 +105,16 @@ class _Compiled:
         compiled = statement.compile(  # type: ignore[attr-defined]
             dialect=dialect, column_keys=list(column_keys) if column_keys else None)
         self.sql: str = compiled.string
-        defaults = compiled.construct_params(_check=False)
         self.order: tuple[str, ...] | None = (
             tuple(compiled.positiontup) if dialect.positional else None)
-        names = self.order if self.order is not None else tuple(defaults)
-        #: Values fixed in the statement (``state='receiving'``), by parameter name.
+        names = self.order or tuple(compiled.construct_params(_check=False))
+        binds = {name: compiled.binds[name] for name in names}
+        #: Values fixed in the statement (``state='receiving'``, ``routed_at=None``).
         self.constants: dict[str, Any] = {
-            name: value for name, value in defaults.items()
-            if name not in (column_keys or ()) and not name.startswith("b_")}
+            name: bind.value for name, bind in binds.items() if not bind.required}
         self.processors: dict[str, Callable[[Any], Any]] = {}
-        for name in names:
-            processor = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+        for name, bind in binds.items():
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
                 self.processors[name] = processor
 

@@ -263,7 +263,7 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
     in_place = False
     try:
         with context.ingest_writer().transaction() as transaction:
-            size = received.stat().st_size
+            size = fields.size_bytes
             if not context.has_room_for(size):
                 if transaction.count_duplicate(sop_instance_uid):  # nothing new to write
                     transaction.commit()
@@ -334,6 +334,7 @@ class _Fields:
     series_uid: str
     modality: str
     expected_count: int | None
+    size_bytes: int  # of the received file, File Meta included
 
 
 def _uid_element(dataset: Dataset, keyword: str, what: str) -> str:
@@ -383,7 +384,8 @@ def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
         # pydicom's reader asks for the position several times per element, and a file's
         # tell() is a system call: a data set that is not large is walked in memory.
         source: BinaryIO = handle
-        if os.fstat(handle.fileno()).st_size - offset <= _WALK_IN_MEMORY_BYTES:
+        size = os.fstat(handle.fileno()).st_size
+        if size - offset <= _WALK_IN_MEMORY_BYTES:
             source = io.BytesIO(handle.read())
         # The structure check keeps the elements of _TAGS as it walks past them: the
         # values and VRs that dcmread(stop_before_pixels=True, specific_tags=...) gives.
@@ -409,4 +411,5 @@ def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
     if ds_sop_class is not None and str(ds_sop_class) != sop_class_uid:
         raise InvalidInstanceError(
             "SOP Class UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS)
-    return _Fields(sop_instance_uid, sop_class_uid, study_uid, series_uid, modality, expected)
+    return _Fields(sop_instance_uid, sop_class_uid, study_uid, series_uid, modality, expected,
+                   size)

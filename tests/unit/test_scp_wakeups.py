@@ -30,13 +30,8 @@ from tests.unit.dicom_factory import make_ct_dataset
 LONG_S = 5.0  # a wait's timeout that a woken wait must not reach
 
 
-def _acceptor() -> Association:
-    assoc = Association(AE(ae_title="RADNODE"), "acceptor")
-    return assoc
-
-
 def _prepared(peer: socket.socket | None = None) -> Association:
-    assoc = _acceptor()
+    assoc = Association(AE(ae_title="RADNODE"), "acceptor")
     if peer is not None:
         assoc.set_socket(AssociationSocket(assoc, client_socket=peer))
     wakeups.wake_on_events(SimpleNamespace(assoc=assoc))  # type: ignore[arg-type]
