@@ -83,6 +83,7 @@ from service.scp.handlers import (
     handle_released,
     handle_store,
 )
+from service.scp.inline import serve_stores_inline
 from service.scp.policy import PEER_CONNECTIONS, TLS_HANDSHAKE, AssociationPolicy
 from service.scp.responses import answer_successes_directly
 from service.scp.wakeups import release_waits, wake_on_events
@@ -440,6 +441,7 @@ def scp_handlers(context: StoreContext, policy: AssociationPolicy) -> list[Any]:
     return [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_CONN_OPEN, wake_on_events),
+        (evt.EVT_CONN_OPEN, serve_stores_inline),  # after wake_on_events: keeps its wake-up
         (evt.EVT_CONN_CLOSE, release_waits),
         (evt.EVT_REQUESTED, policy.handle_requested),
         (evt.EVT_C_ECHO, handle_echo),

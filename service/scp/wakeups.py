@@ -106,6 +106,8 @@ class _DulWait:
         self.writer.setblocking(False)
 
     def notify(self) -> None:
+        if threading.current_thread() is self.dul:
+            return  # queued by the DUL thread itself: its next turn looks at the queue
         try:
             self.writer.send(b"\x00")
         except OSError:  # closed (association over), or already full: a wake-up is pending

@@ -22,7 +22,7 @@ from pynetdicom.transport import AssociationSocket
 from service.config import DicomSettings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
-from service.scp import wakeups
+from service.scp import inline, wakeups
 from service.scp.handlers import StoreContext
 from service.scp.server import start_scp
 from tests.unit.dicom_factory import make_ct_dataset
@@ -209,11 +209,22 @@ def scp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, 
         engine.dispose()
 
 
+@pytest.mark.parametrize("inline_stores", [False, True], ids=["queued", "inline"])
 def test_a_real_association_is_served_by_woken_threads(
-        scp: tuple[int, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        scp: tuple[int, Path], monkeypatch: pytest.MonkeyPatch, inline_stores: bool) -> None:
     port, spool = scp
     timeout_s = 2.0  # each wait of the SCP's two threads, instead of pynetdicom's 1 ms
     woken = {"dul": 0, "association": 0}
+    served_by: list[str] = []
+    serve = inline.MessageQueue._serve
+
+    def counted_serve(self: Any, *args: Any) -> None:
+        served_by.append(type(threading.current_thread()).__name__)
+        serve(self, *args)
+
+    monkeypatch.setattr(inline.MessageQueue, "_serve", counted_serve)
+    if not inline_stores:  # every C-STORE handed to the association thread, as pynetdicom does
+        monkeypatch.setattr(inline.MessageQueue, "_inline_service", lambda self, item: None)
 
     def counted(name: str, original: Any) -> Any:
         def wait(self: Any, seconds: float) -> None:
@@ -241,8 +252,13 @@ def test_a_real_association_is_served_by_woken_threads(
     assert statuses == [0x0000] * 10
     for ds in sent:
         assert len(list(spool.rglob(f"{ds.SOPInstanceUID}.dcm"))) == 1
-    # Every request woke the association thread and every response the DUL thread; had
+    # Every request woke the thread that serves it and every response the DUL thread; had
     # one waited for its timeout instead, the ten would have taken 20 s or more.
-    assert woken["association"] >= 10
+    if inline_stores:  # served by the DUL thread as it decoded them: no hand-off
+        assert served_by == ["DULServiceProvider"] * 10
+        assert woken["association"] < 10  # the release only
+    else:
+        assert served_by == []
+        assert woken["association"] >= 10
     assert woken["dul"] >= 10
     assert took < 10 * timeout_s

@@ -1,0 +1,167 @@
+"""C-STORE requests served by the thread that decoded them (service/scp/inline.py)."""
+
+from __future__ import annotations
+
+import threading
+from io import BytesIO
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.presentation import build_context
+from pynetdicom.service_class import StorageServiceClass
+
+from service.scp import inline
+
+
+def _store(message_id: int = 1, sop_class: str = CTImageStorage) -> C_STORE:
+    request = C_STORE()
+    request.MessageID = message_id
+    request.AffectedSOPClassUID = sop_class
+    request.AffectedSOPInstanceUID = f"1.2.3.{message_id}"
+    request.Priority = 2
+    request.DataSet = BytesIO()  # as pynetdicom leaves it when the data set went to a file
+    return request
+
+
+def _echo(message_id: int = 1) -> C_ECHO:
+    request = C_ECHO()
+    request.MessageID = message_id
+    return request
+
+
+class _Dul(threading.Thread):
+    """Stands in for the DUL thread: runs ``work`` and keeps what it raised."""
+
+    def __init__(self, work: Any) -> None:
+        super().__init__()
+        self.work = work
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.work()
+        except BaseException as exc:  # noqa: BLE001 (reported to the test)
+            self.error = exc
+
+
+def _association() -> Any:
+    context = build_context(CTImageStorage, ExplicitVRLittleEndian)
+    context.context_id = 1
+    assoc = SimpleNamespace(
+        dul=None, _sent_release=False, is_established=True, _accepted_cx={1: context},
+        acceptor=SimpleNamespace(accepted_common_extended={}),
+        dimse=SimpleNamespace(cancel_req={"stale": 1}), aborted=0)
+    assoc._abort_nonblocking = lambda: setattr(assoc, "aborted", assoc.aborted + 1)
+    return assoc
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, Any]]:
+    """Each StorageServiceClass.SCP call: (thread name, Message ID, context)."""
+    calls: list[tuple[str, int, Any]] = []
+
+    def scp(self: StorageServiceClass, request: C_STORE, context: Any) -> None:
+        calls.append((threading.current_thread().name, int(request.MessageID), context))
+
+    monkeypatch.setattr(StorageServiceClass, "SCP", scp)
+    return calls
+
+
+def _put_from_dul(assoc: Any, queue: inline.MessageQueue, *items: Any) -> None:
+    def work() -> None:
+        for item in items:
+            queue.put(item)
+    dul = _Dul(work)
+    dul.name = "dul"
+    assoc.dul = dul
+    dul.start()
+    dul.join(10)
+    assert dul.error is None
+
+
+def test_a_store_is_served_by_the_dul_thread_and_not_queued(
+        served: list[tuple[str, int, Any]]) -> None:
+    assoc = _association()
+    notified: list[int] = []
+    queue = inline.MessageQueue(assoc, lambda: notified.append(1))
+    _put_from_dul(assoc, queue, (1, _store(1)), (1, _store(2)))
+    assert [(name, message_id) for name, message_id, _ in served] == [("dul", 1), ("dul", 2)]
+    assert served[0][2] is assoc._accepted_cx[1]
+    assert queue.served_inline == 2
+    assert queue.qsize() == 0 and notified == []
+    assert assoc.dimse.cancel_req == {}  # cleared as Association._serve_request does
+
+
+def test_other_messages_and_stores_behind_them_are_queued_in_order(
+        served: list[tuple[str, int, Any]]) -> None:
+    assoc = _association()
+    notified: list[int] = []
+    queue = inline.MessageQueue(assoc, lambda: notified.append(1))
+    echo, store = _echo(1), _store(2)
+    _put_from_dul(assoc, queue, (1, echo), (1, store))
+    assert served == [] and len(notified) == 2
+    assert queue.get(block=False) == (1, echo)
+    # The association thread holds the C-ECHO: a store arriving now waits its turn too.
+    _put_from_dul(assoc, queue, (1, _store(3)))
+    assert served == []
+    assert queue.get(block=False) == (1, store)
+    assert queue.get(block=False)[1].MessageID == 3
+    with pytest.raises(inline.queue.Empty):
+        queue.get(block=False)  # its next look finds nothing: nothing is in hand any more
+    _put_from_dul(assoc, queue, (1, _store(4)))
+    assert [message_id for _, message_id, _ in served] == [4]
+
+
+@pytest.mark.parametrize("change", ["not_dul_thread", "released", "not_established",
+                                    "unknown_context", "not_storage", "invalid"])
+def test_a_store_that_may_not_be_served_now_is_queued(
+        served: list[tuple[str, int, Any]], change: str) -> None:
+    assoc = _association()
+    queue = inline.MessageQueue(assoc, lambda: None)
+    request = _store(1)
+    context_id = 1
+    if change == "released":
+        assoc._sent_release = True
+    elif change == "not_established":
+        assoc.is_established = False
+    elif change == "unknown_context":
+        context_id = 3
+    elif change == "not_storage":
+        request.AffectedSOPClassUID = "1.2.840.10008.1.1"  # Verification
+    elif change == "invalid":
+        request = C_STORE()
+    if change == "not_dul_thread":
+        assoc.dul = _Dul(lambda: None)
+        queue.put((context_id, request))  # from this thread, not the DUL's
+    else:
+        _put_from_dul(assoc, queue, (context_id, request))
+    assert served == []
+    assert queue.get(block=False) == (context_id, request)
+
+
+def test_a_failing_service_class_aborts_without_waiting_for_its_own_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: StorageServiceClass, request: C_STORE, context: Any) -> None:
+        raise RuntimeError("pynetdicom failed")
+
+    monkeypatch.setattr(StorageServiceClass, "SCP", broken)
+    assoc = _association()
+    queue = inline.MessageQueue(assoc, lambda: None)
+    _put_from_dul(assoc, queue, (1, _store(1)))
+    assert assoc.aborted == 1 and queue.qsize() == 0
+
+
+def test_serve_stores_inline_keeps_the_wakeup_of_the_association_thread() -> None:
+    work = threading.Event()
+    assoc = SimpleNamespace(dimse=SimpleNamespace(msg_queue=None),
+                            _radnode_wait=SimpleNamespace(work=work))
+    inline.serve_stores_inline(SimpleNamespace(assoc=assoc))  # type: ignore[arg-type]
+    queue = assoc.dimse.msg_queue
+    assert isinstance(queue, inline.MessageQueue)
+    queue.put((1, _echo(1)))
+    assert work.is_set()
+    inline.serve_stores_inline(SimpleNamespace(assoc=assoc))  # type: ignore[arg-type]
+    assert assoc.dimse.msg_queue is queue  # once per association
