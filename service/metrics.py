@@ -457,6 +457,9 @@ class NodeMetrics:
         self._max_ae_labels = max_ae_labels
         self._ae_labels: set[str] = set()
         self._ae_lock = threading.Lock()
+        #: Children of the C-STORE counters per raw calling AE title / per status.
+        self._stored_children: dict[str, tuple[Any, Any]] = {}
+        self._response_children: dict[int, Any] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self._associations = Counter(
             "radnode_associations", "Associations peers opened to the SCP, by outcome.",
@@ -532,13 +535,26 @@ class NodeMetrics:
         size_bytes : int
             Bytes of the stored instance; 0 when it was refused.
         """
-        ae = self.ae_label(calling_ae)
-        self._responses.labels(f"0x{status & 0xFFFF:04X}").inc()
+        # The labelled children are looked up once per AE title and status: this runs on
+        # every C-STORE, and prometheus_client's labels() costs a lock and a few calls.
+        per_ae = self._stored_children.get(calling_ae)
+        if per_ae is None:
+            ae = self.ae_label(calling_ae)
+            per_ae = (self._instances.labels(ae), self._bytes.labels(ae))
+            if len(self._stored_children) >= self._max_ae_labels + 16:
+                self._stored_children.clear()  # many raw titles: bounded, like the labels
+            self._stored_children[calling_ae] = per_ae
+        response = self._response_children.get(status)
+        if response is None:
+            response = self._responses.labels(f"0x{status & 0xFFFF:04X}")
+            if len(self._response_children) < 256:
+                self._response_children[status] = response
+        response.inc()
         # A peer whose instances are all refused still gets a series (at 0).
-        instances = self._instances.labels(ae)
+        instances, received = per_ae
         if status == 0x0000:
             instances.inc()
-        self._bytes.labels(ae).inc(max(0, size_bytes))
+        received.inc(max(0, size_bytes))
 
     def ae_label(self, calling_ae: str) -> str:
         """Return the label value for ``calling_ae``.

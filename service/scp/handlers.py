@@ -211,18 +211,12 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
     See :func:`store_instance` for the statuses; each response is reported
     to ``context.associations`` (counts, bytes, statuses per association).
     """
-    if context.associations is None:
-        return store_instance(event, context)
-    try:
-        size = Path(event.dataset_path).stat().st_size
-    except (OSError, TypeError, AttributeError):
-        size = 0
-    touched = context.touched.get(id(event.assoc), set()).copy()
-    answer = store_instance(event, context)
-    status = answer if isinstance(answer, int) else int(answer.Status)
-    added = context.touched.get(id(event.assoc), set()) - touched
-    series_uid = next(iter(added), None)
-    context.associations.stored(event, status, size, series_uid)
+    answer, fields = _store(event, context)
+    if context.associations is not None:
+        status = answer if isinstance(answer, int) else int(answer.Status)
+        size = fields.size_bytes if fields is not None else 0
+        series_uid = fields.series_uid if fields is not None else None
+        context.associations.stored(event, status, size, series_uid)
     return answer
 
 
@@ -246,6 +240,11 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
         data set's SOP Class/Instance UID differ from the request's, 0xA700
         when it cannot be written or recorded.
     """
+    return _store(event, context)[0]
+
+
+def _store(event: evt.Event, context: StoreContext) -> tuple[int | Dataset, _Fields | None]:
+    """:func:`store_instance`, and the attributes read (None if the data set was refused)."""
     calling_ae = printable(event.assoc.requestor.ae_title, 16)
     request: Any = event.request  # a C_STORE primitive for EVT_C_STORE
     try:
@@ -254,7 +253,7 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
         fields = _read_fields(event, request, received)
     except InvalidInstanceError as exc:
         log.warning("C-STORE refused from AE %s: %s (status 0x%04X)", calling_ae, exc, exc.status)
-        return _status(exc.status, str(exc))
+        return _status(exc.status, str(exc)), None
     sop_instance_uid = fields.sop_instance_uid
 
     relative = spool.relative_path(fields.study_uid, fields.series_uid, sop_instance_uid)
@@ -270,8 +269,8 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
                     context.touch(event, fields.series_uid)
                     log.info("duplicate SOP Instance UID %s from AE %s: kept the first copy",
                              sop_instance_uid, calling_ae)
-                    return SUCCESS
-                return _status(OUT_OF_RESOURCES, "spool below its free-space reserve")
+                    return SUCCESS, fields
+                return _status(OUT_OF_RESOURCES, "spool below its free-space reserve"), fields
             # A duplicate is found by the insert below: no query before it, since
             # duplicates are rare and every statement costs CPU on every instance.
             temporary = spool.adopt(received, target)
@@ -306,7 +305,7 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
             target.unlink(missing_ok=True)  # renamed but not recorded: never acknowledged
         reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
         log.error("cannot store %s from AE %s: %s", sop_instance_uid, calling_ae, reason)
-        return _status(OUT_OF_RESOURCES, "cannot write or record the instance")
+        return _status(OUT_OF_RESOURCES, "cannot write or record the instance"), fields
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)  # a duplicate, or not renamed: not kept
@@ -317,7 +316,7 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
     else:
         log.debug("stored %s (series %s) from AE %s", sop_instance_uid, fields.series_uid,
                   calling_ae)
-    return SUCCESS
+    return SUCCESS, fields
 
 
 def _called_ae(event: evt.Event) -> str:

@@ -30,17 +30,22 @@ serves N-EVENT-REPORT requests outside the association thread.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from service.scp.responses import send_store_success
+
 log = logging.getLogger("radnode.scp")
+#: pynetdicom's logger, where its service classes log a handler's exception.
+pynetdicom_log = logging.getLogger("pynetdicom")
 
 #: The attribute on an ``Association`` whose wait :mod:`service.scp.wakeups` set up.
 _WAIT = "_radnode_wait"
@@ -122,14 +127,14 @@ class MessageQueue(queue.Queue):  # type: ignore[type-arg]
         return service if isinstance(service, StorageServiceClass) else None
 
     def _serve(self, service: StorageServiceClass, message: C_STORE, context_id: int) -> None:
-        """Run the service class as ``Association._serve_request`` does, in this thread."""
+        """Serve the request as ``Association._serve_request`` would, in this thread."""
         assoc = self._assoc
         dimse = assoc.dimse
         dimse.cancel_req = {}
         try:
-            service.SCP(message, assoc._accepted_cx[context_id])
+            store_scp(service, message, assoc._accepted_cx[context_id])
         except Exception as exc:  # noqa: BLE001 (pynetdicom's _serve_request aborts too)
-            # The handler's own exceptions are answered 0xC211 inside SCP; this is
+            # The handler's own exceptions are answered 0xC211 by store_scp; this is
             # pynetdicom failing. The blocking abort would wait for this very thread.
             log.error("C-STORE could not be served (%s): aborting the association",
                       type(exc).__name__)
@@ -137,6 +142,69 @@ class MessageQueue(queue.Queue):  # type: ignore[type-arg]
         finally:
             dimse.cancel_req = {}
         self.served_inline += 1
+
+
+def store_scp(service: StorageServiceClass, request: C_STORE, context: Any) -> None:
+    """``StorageServiceClass.SCP``, a plain Success answered without building its primitive.
+
+    The same steps and statuses as pynetdicom 3.0's (DICOM PS3.4 B.2.3):
+    the ``EVT_C_STORE`` handler is called; an exception in it is logged and
+    answered 0xC211; the received file is closed and deleted if still there;
+    nothing is sent once the association is no longer established; the
+    handler's status is validated and sent. A handler's ``int`` 0x0000 is
+    sent by :func:`service.scp.responses.send_store_success`, without the
+    ``C_STORE`` response primitive whose UIDs pynetdicom validates again as
+    it copies them from the request; every other answer is built and sent
+    as pynetdicom does.
+
+    Parameters
+    ----------
+    service : pynetdicom.service_class.StorageServiceClass
+        The service class of the association.
+    request : pynetdicom.dimse_primitives.C_STORE
+        The C-STORE request.
+    context : pynetdicom.presentation.PresentationContext
+        Its accepted presentation context.
+    """
+    assoc: Any = service.assoc
+    dimse = service.dimse
+    context_id = int(context.context_id)
+
+    def response() -> C_STORE:
+        rsp = C_STORE()
+        rsp.MessageID = request.MessageID
+        rsp.MessageIDBeingRespondedTo = request.MessageID
+        rsp.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+        rsp.AffectedSOPClassUID = request.AffectedSOPClassUID
+        return rsp
+
+    assoc.abort = assoc._abort_nonblocking  # as pynetdicom's attempt() does around handlers
+    try:
+        status: Any = evt.trigger(assoc, evt.EVT_C_STORE,
+                             {"request": request, "context": context.as_tuple})
+        received = request._dataset_file
+        if received:
+            received.close()
+            try:
+                os.unlink(received.name)
+            except OSError:  # the handler renamed it into the spool
+                pass
+    except Exception as exc:  # noqa: BLE001 (answered as pynetdicom does: 0xC211)
+        assoc.abort = assoc._abort_blocking
+        pynetdicom_log.error("Exception in handler bound to 'evt.EVT_C_STORE'")
+        pynetdicom_log.exception(exc)
+        rsp = response()
+        rsp.Status = 0xC211
+        dimse.send_msg(rsp, context_id)
+        return
+    assoc.abort = assoc._abort_blocking
+    if not assoc.is_established:
+        return
+    if type(status) is int and status == 0x0000 and send_store_success(
+            assoc, context_id, int(cast(int, request.MessageID)), str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID)):
+        return
+    dimse.send_msg(service.validate_status(status, response()), context_id)
 
 
 def serve_stores_inline(event: evt.Event) -> None:

@@ -96,30 +96,54 @@ def _plain_success(primitive: Any) -> bool:
     return all(getattr(primitive, name, None) is None for name in _OTHER_PARAMETERS)
 
 
+def send_store_success(assoc: Any, context_id: int, message_id: int, sop_class_uid: str,
+                       sop_instance_uid: str) -> bool:
+    """Send a C-STORE-RSP Success as one P-DATA-TF, encoded by :func:`encode_store_success`.
+
+    Parameters
+    ----------
+    assoc : pynetdicom.association.Association
+        The association; the P-DATA goes to its DUL's queue.
+    context_id : int
+        The presentation context ID of the request.
+    message_id, sop_class_uid, sop_instance_uid
+        As for :func:`encode_store_success`.
+
+    Returns
+    -------
+    bool
+        False, with nothing sent, where pynetdicom must send the response: a
+        handler is bound to ``EVT_DIMSE_SENT`` (it would miss the message),
+        or the response does not fit in one PDU of the peer's maximum length.
+    """
+    if assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        return False
+    command = encode_store_success(message_id, sop_class_uid, sop_instance_uid)
+    dimse = assoc.dimse
+    limit = int(dimse.maximum_pdu_size or 0)
+    if limit != 0 and len(command) + _PDV_OVERHEAD > limit:
+        return False
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + command))
+    dimse.dul.send_pdu(pdata)
+    return True
+
+
 def answer_successes_directly(event: evt.Event) -> None:
     """``EVT_ACCEPTED``: send this association's C-STORE Successes without pydicom.
 
-    Wraps ``event.assoc.dimse.send_msg``; see the module's docstring. The
-    fast path is skipped, and pynetdicom sends as usual, when a handler is
-    bound to ``EVT_DIMSE_SENT`` (it would miss the message) or when the
-    response would not fit in one PDU of the peer's maximum length.
+    Wraps ``event.assoc.dimse.send_msg``; see the module's docstring and
+    :func:`send_store_success`, where pynetdicom sends as usual.
     """
     assoc: Any = event.assoc
     dimse = assoc.dimse
     send_pynetdicom = dimse.send_msg
 
     def send_msg(primitive: Any, context_id: int) -> None:
-        if _plain_success(primitive) and not assoc.get_handlers(evt.EVT_DIMSE_SENT):
-            command = encode_store_success(int(primitive.MessageIDBeingRespondedTo),
-                                           str(primitive.AffectedSOPClassUID),
-                                           str(primitive.AffectedSOPInstanceUID))
-            limit = int(dimse.maximum_pdu_size or 0)
-            if limit == 0 or len(command) + _PDV_OVERHEAD <= limit:
-                pdata = P_DATA()
-                pdata.presentation_data_value_list.append(
-                    (context_id, _LAST_COMMAND_FRAGMENT + command))
-                dimse.dul.send_pdu(pdata)
-                return
+        if _plain_success(primitive) and send_store_success(
+                assoc, context_id, int(primitive.MessageIDBeingRespondedTo),
+                str(primitive.AffectedSOPClassUID), str(primitive.AffectedSOPInstanceUID)):
+            return
         send_pynetdicom(primitive, context_id)
 
     dimse.send_msg = send_msg

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import threading
 from io import BytesIO
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.presentation import build_context
 from pynetdicom.service_class import StorageServiceClass
 
 from service.scp import inline
+from tests.unit.dicom_factory import make_ct_dataset
 
 
 def _store(message_id: int = 1, sop_class: str = CTImageStorage) -> C_STORE:
@@ -63,10 +67,10 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, Any]]:
     """Each StorageServiceClass.SCP call: (thread name, Message ID, context)."""
     calls: list[tuple[str, int, Any]] = []
 
-    def scp(self: StorageServiceClass, request: C_STORE, context: Any) -> None:
+    def scp(service: StorageServiceClass, request: C_STORE, context: Any) -> None:
         calls.append((threading.current_thread().name, int(request.MessageID), context))
 
-    monkeypatch.setattr(StorageServiceClass, "SCP", scp)
+    monkeypatch.setattr(inline, "store_scp", scp)
     return calls
 
 
@@ -144,10 +148,10 @@ def test_a_store_that_may_not_be_served_now_is_queued(
 
 def test_a_failing_service_class_aborts_without_waiting_for_its_own_thread(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(self: StorageServiceClass, request: C_STORE, context: Any) -> None:
+    def broken(service: StorageServiceClass, request: C_STORE, context: Any) -> None:
         raise RuntimeError("pynetdicom failed")
 
-    monkeypatch.setattr(StorageServiceClass, "SCP", broken)
+    monkeypatch.setattr(inline, "store_scp", broken)
     assoc = _association()
     queue = inline.MessageQueue(assoc, lambda: None)
     _put_from_dul(assoc, queue, (1, _store(1)))
@@ -165,3 +169,67 @@ def test_serve_stores_inline_keeps_the_wakeup_of_the_association_thread() -> Non
     assert work.is_set()
     inline.serve_stores_inline(SimpleNamespace(assoc=assoc))  # type: ignore[arg-type]
     assert assoc.dimse.msg_queue is queue  # once per association
+
+
+# -- store_scp on real associations ---------------------------------------------------------
+
+
+def _answers(handler: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[str], list[Path]]:
+    """Send one C-STORE to a pynetdicom SCP whose stores are served inline by ``handler``.
+
+    Returns the response's status data set, the names of the threads that ran the
+    handler, and the received files the handler saw.
+    """
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+    threads: list[str] = []
+    files: list[Path] = []
+
+    def on_store(event: Any) -> Any:
+        threads.append(type(threading.current_thread()).__name__)
+        files.append(Path(event.dataset_path))
+        assert files[-1].is_file()
+        return handler(event)
+
+    scp_ae = AE(ae_title="RADNODE")
+    scp_ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = scp_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        (evt.EVT_CONN_OPEN, inline.serve_stores_inline), (evt.EVT_C_STORE, on_store)])
+    try:
+        scu = AE(ae_title="TESTSCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="RADNODE")
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(make_ct_dataset(rows=8, columns=8))
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+    return status, threads, files
+
+
+def test_store_scp_answers_success_failure_and_handler_errors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    status, threads, files = _answers(lambda event: 0x0000, monkeypatch)
+    assert int(status.Status) == 0x0000 and "ErrorComment" not in status
+    assert threads == ["DULServiceProvider"]
+    assert not files[0].exists()  # closed and deleted after the handler, as pynetdicom does
+
+    def refused(event: Any) -> Dataset:
+        answer = Dataset()
+        answer.Status = 0xA900
+        answer.ErrorComment = "does not match"
+        return answer
+
+    status, _, _ = _answers(refused, monkeypatch)
+    assert int(status.Status) == 0xA900 and status.ErrorComment == "does not match"
+    status, _, _ = _answers(lambda event: 0xA700, monkeypatch)
+    assert int(status.Status) == 0xA700
+
+    def broken(event: Any) -> int:
+        raise RuntimeError("handler failed")
+
+    status, _, files = _answers(broken, monkeypatch)
+    assert int(status.Status) == 0xC211
+    assert files[0].exists()  # pynetdicom leaves it when the handler raised; so does store_scp
+    files[0].unlink()
