@@ -536,6 +536,8 @@ class Node:
         if server is not None:
             self._server = None
             server.drain(self.settings.dicom.drain_timeout_s)
+        if self.store_context is not None:
+            self.store_context.close()  # the SCP's kept database connections
         if self._incoming is not None:
             receive.uninstall(self._incoming)  # deletes the files kept ready
             self._incoming = None

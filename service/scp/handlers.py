@@ -105,6 +105,11 @@ class StoreContext:
             writer = self._ingest_writer = IngestWriter(self.session_factory.kw["bind"])
         return writer
 
+    def close(self) -> None:
+        """Return the database connections the C-STORE path kept (:class:`IngestWriter`)."""
+        if self._ingest_writer is not None:
+            self._ingest_writer.close()
+
     def has_room_for(self, size: int) -> bool:
         """True if ``size`` more bytes leave at least the reserve free; logs transitions."""
         if self.min_free_bytes <= 0:

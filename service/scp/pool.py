@@ -706,6 +706,7 @@ def run_child(settings: Settings, channel: socket.socket, index: int,
     stop.set()
     for server in servers.values():
         server.reap()
+    context.close()
     engine.dispose()
     log.info("SCP process %d stopped", index)
     return 0

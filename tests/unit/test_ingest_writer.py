@@ -179,3 +179,37 @@ def test_an_unreachable_database_is_an_operational_error(tmp_path: Path) -> None
 def test_compiled_once_per_engine_dialect(engine: Engine) -> None:
     assert ingest_sql(engine.dialect) is ingest_sql(engine.dialect)
     assert IngestWriter(engine).sql is ingest_sql(engine.dialect)
+
+
+def test_sqlite_keeps_its_connections_and_postgresql_returns_them(engine: Engine) -> None:
+    writer = IngestWriter(engine)
+    pool: Any = engine.pool
+    series_uid = generate_uid()
+    used = []
+    for committed in (True, False, True):
+        with writer.transaction() as transaction:
+            used.append(transaction.connection.dbapi_connection)
+            transaction.record_instance(**_values(series_uid, generate_uid()))
+            if committed:
+                transaction.commit()
+    if engine.dialect.name == "sqlite":  # one connection, kept checked out between them
+        assert used[0] is used[1] is used[2]
+        assert pool.checkedout() == 1
+    else:  # back to the pool after each (its pre-ping guards the next check-out)
+        assert pool.checkedout() == 0
+    # The uncommitted one was rolled back before its connection was used again.
+    assert len(_raw_rows(engine, series_uid)[1]) == 2
+    writer.close()
+    assert pool.checkedout() == 0
+    assert _through_writer(writer, _values(series_uid, generate_uid()))  # still works
+    assert pool.checkedout() == 0  # after close, each goes straight back
+
+
+def test_a_failed_transaction_does_not_keep_its_connection(engine: Engine) -> None:
+    writer = IngestWriter(engine)
+    series_uid, sop_uid = generate_uid(), generate_uid()
+    with pytest.raises(RuntimeError), writer.transaction() as transaction:
+        transaction.record_instance(**_values(series_uid, sop_uid))
+        raise RuntimeError("the handler failed")
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert _raw_rows(engine, series_uid) == ([], [])
