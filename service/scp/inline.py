@@ -42,13 +42,11 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from service.scp.responses import send_store_success
+from service.scp.wakeups import association_wakeup
 
 log = logging.getLogger("radnode.scp")
 #: pynetdicom's logger, where its service classes log a handler's exception.
 pynetdicom_log = logging.getLogger("pynetdicom")
-
-#: The attribute on an ``Association`` whose wait :mod:`service.scp.wakeups` set up.
-_WAIT = "_radnode_wait"
 
 
 class MessageQueue(queue.Queue):  # type: ignore[type-arg]
@@ -180,8 +178,8 @@ def store_scp(service: StorageServiceClass, request: C_STORE, context: Any) -> N
 
     assoc.abort = assoc._abort_nonblocking  # as pynetdicom's attempt() does around handlers
     try:
-        status: Any = evt.trigger(assoc, evt.EVT_C_STORE,
-                             {"request": request, "context": context.as_tuple})
+        status: Any = evt.trigger(
+            assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})
         received = request._dataset_file
         if received:
             received.close()
@@ -217,10 +215,7 @@ def serve_stores_inline(event: evt.Event) -> None:
     assoc: Any = event.assoc
     if isinstance(assoc.dimse.msg_queue, MessageQueue):
         return
-    wait = getattr(assoc, _WAIT, None)
-    work = getattr(wait, "work", None)
-    notify: Callable[[], None] = work.set if isinstance(work, threading.Event) else _nothing
-    assoc.dimse.msg_queue = MessageQueue(assoc, notify)
+    assoc.dimse.msg_queue = MessageQueue(assoc, association_wakeup(assoc) or _nothing)
 
 
 def _nothing() -> None:

@@ -180,6 +180,12 @@ def wake_on_events(event: evt.Event) -> None:
     setattr(assoc, _WAIT, assoc_wait)
 
 
+def association_wakeup(assoc: Any) -> Callable[[], None] | None:
+    """What wakes ``assoc``'s association thread (set by :func:`wake_on_events`), else None."""
+    wait = getattr(assoc, _WAIT, None)
+    return wait.work.set if isinstance(wait, _AssociationWait) else None
+
+
 def release_waits(event: evt.Event) -> None:
     """``EVT_CONN_CLOSE``: close the socket pair of this association's DUL wait.
 

@@ -16,7 +16,7 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.presentation import build_context
 from pynetdicom.service_class import StorageServiceClass
 
-from service.scp import inline
+from service.scp import inline, wakeups
 from tests.unit.dicom_factory import make_ct_dataset
 
 
@@ -159,9 +159,9 @@ def test_a_failing_service_class_aborts_without_waiting_for_its_own_thread(
 
 
 def test_serve_stores_inline_keeps_the_wakeup_of_the_association_thread() -> None:
-    work = threading.Event()
-    assoc = SimpleNamespace(dimse=SimpleNamespace(msg_queue=None),
-                            _radnode_wait=SimpleNamespace(work=work))
+    assoc = SimpleNamespace(dimse=SimpleNamespace(msg_queue=None))
+    assoc._radnode_wait = wakeups._AssociationWait(assoc)  # as wake_on_events leaves it
+    work = assoc._radnode_wait.work
     inline.serve_stores_inline(SimpleNamespace(assoc=assoc))  # type: ignore[arg-type]
     queue = assoc.dimse.msg_queue
     assert isinstance(queue, inline.MessageQueue)
