@@ -6,6 +6,7 @@ import io
 import struct
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import BinaryIO, cast
 
 from pydicom.charset import convert_encodings, default_encoding
@@ -106,6 +107,60 @@ def check_complete_and_read(data: bytes | BinaryIO, transfer_syntax: UID,
         after its last element, cannot be inflated (also: its deflate stream
         is cut short) or its Specific Character Set cannot be read.
     """
+    collected = check_complete_and_collect(data, transfer_syntax, tags)
+    return None if collected is None else collected.dataset()
+
+
+@dataclass(frozen=True)
+class Collected:
+    """Raw top-level elements found by :func:`check_complete_and_collect`.
+
+    Attributes
+    ----------
+    elements : dict
+        Tag → pydicom ``RawDataElement`` (or a parsed ``DataElement`` for a
+        sequence), values not converted, as pydicom's reader yields them.
+    implicit_vr, little_endian : bool
+        The encoding they were read in.
+    encoding : str or list of str
+        The Python codecs of their Specific Character Set (PS3.5 6.1.2.3).
+    """
+
+    elements: dict[BaseTag, _Element]
+    implicit_vr: bool
+    little_endian: bool
+    encoding: str | list[str]
+
+    def dataset(self) -> Dataset:
+        """The elements as a pydicom ``Dataset``, converted when first accessed.
+
+        Raises
+        ------
+        InvalidInstanceError
+            With status 0xC000 if pydicom refuses to hold them.
+        """
+        try:
+            dataset = Dataset(dict(self.elements))  # it converts in place: not ours
+            dataset.set_original_encoding(self.implicit_vr, self.little_endian, self.encoding)
+        except Exception as exc:  # pydicom raises several types on malformed values
+            raise InvalidInstanceError(f"cannot parse data set: {type(exc).__name__}",
+                                       0xC000) from exc
+        return dataset
+
+
+def check_complete_and_collect(data: bytes | BinaryIO, transfer_syntax: UID,
+                               tags: Iterable[int]) -> Collected | None:
+    """:func:`check_complete_and_read` without building the ``Dataset``.
+
+    The same checks, the same elements and the same None; a caller that
+    needs only a few plain values converts them itself and saves pydicom's
+    ``Dataset`` machinery, or calls :meth:`Collected.dataset`.
+
+    Raises
+    ------
+    InvalidInstanceError
+        As :func:`check_complete_and_read`.
+    """
     stream, head, whole = _dataset_stream(data, transfer_syntax)
     start = stream.tell()
     elements = _walk(stream, transfer_syntax, frozenset(tags) | {SPECIFIC_CHARACTER_SET})
@@ -118,18 +173,15 @@ def check_complete_and_read(data: bytes | BinaryIO, transfer_syntax: UID,
     implicit = bool(transfer_syntax.is_implicit_VR)
     if _read_as_other_encoding(stream, start, implicit):
         return None
-    try:
-        dataset = Dataset(elements)
-        encoding: str | list[str] = default_encoding
-        if SPECIFIC_CHARACTER_SET in elements:  # as pydicom's read_dataset does
+    encoding: str | list[str] = default_encoding
+    if SPECIFIC_CHARACTER_SET in elements:  # as pydicom's read_dataset does
+        try:
             charset = cast(RawDataElement, elements[BaseTag(SPECIFIC_CHARACTER_SET)])
             encoding = convert_encodings(convert_raw_data_element(charset).value)
-        dataset.set_original_encoding(implicit, bool(transfer_syntax.is_little_endian),
-                                      encoding)
-    except Exception as exc:  # pydicom raises several types on malformed values
-        raise InvalidInstanceError(f"cannot parse data set: {type(exc).__name__}",
-                                   0xC000) from exc
-    return dataset
+        except Exception as exc:  # pydicom raises several types on malformed values
+            raise InvalidInstanceError(f"cannot parse data set: {type(exc).__name__}",
+                                       0xC000) from exc
+    return Collected(elements, implicit, bool(transfer_syntax.is_little_endian), encoding)
 
 
 def _dataset_stream(data: bytes | BinaryIO,
@@ -153,26 +205,56 @@ def _dataset_stream(data: bytes | BinaryIO,
     return io.BytesIO(inflated), deflated[:8], inflater.eof or not deflated
 
 
+class _LastRead:
+    """A stream whose last ``read`` is remembered: how many bytes it asked for and got.
+
+    pydicom's element generator skips the values of tags it is not asked for
+    with a ``seek`` and stops at the first header it cannot read whole; the
+    walk then knows the elements ended exactly at the end of the data only if
+    that last read asked for a header at the end and got nothing.
+    """
+
+    __slots__ = ("_read", "seek", "tell", "asked", "got")
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._read = stream.read
+        self.seek = stream.seek
+        self.tell = stream.tell
+        self.asked = self.got = -1
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._read(size)
+        self.asked, self.got = size, len(data)
+        return data
+
+
 def _walk(stream: BinaryIO, transfer_syntax: UID,
           wanted: frozenset[int]) -> dict[BaseTag, _Element]:
-    """Walk the top-level elements to the end; return those of ``wanted`` before pixels."""
+    """Walk the top-level elements to the end; return those of ``wanted`` before pixels.
+
+    Values are read only for ``wanted``, Specific Character Set and the
+    pixel data tags (which end the collection, as ``dcmread(stop_before_pixels=True)``
+    ends it); other values are skipped with a seek (pydicom's ``specific_tags``),
+    and a skip past the end, or bytes left over, is found at the end of the walk.
+    Undefined-length values are still read or parsed to find their end.
+    """
     start = stream.tell()
     size = stream.seek(0, io.SEEK_END)
     stream.seek(start)
-    end = start
     found: dict[BaseTag, _Element] = {}
     collecting = bool(wanted)
+    tracked = _LastRead(stream)
     try:
         little = bool(transfer_syntax.is_little_endian)
         for element in data_element_generator(
-            stream, transfer_syntax.is_implicit_VR, little, defer_size=256,
+            cast(BinaryIO, tracked), transfer_syntax.is_implicit_VR, little, defer_size=256,
+            specific_tags=list(wanted | PIXEL_DATA_TAGS),
         ):
             value = element.value
             length = getattr(element, "length", UNDEFINED_LENGTH)  # parsed sequences have none
             if (value is not None and length != UNDEFINED_LENGTH
                     and isinstance(value, bytes) and len(value) != length):
                 raise InvalidInstanceError("data set ends inside an element value", 0xC000)
-            end = stream.tell()
             if collecting:
                 tag = element.tag
                 if tag in PIXEL_DATA_TAGS:
@@ -187,7 +269,9 @@ def _walk(stream: BinaryIO, transfer_syntax: UID,
     except Exception as exc:  # pydicom raises several types on malformed streams
         raise InvalidInstanceError(
             f"data set cannot be parsed: {type(exc).__name__}", 0xC000) from exc
-    if end != size:
+    # The generator stops when a header read comes back short: the elements end exactly
+    # at the end only if it asked for a header there and got nothing.
+    if tracked.got != 0 or tracked.asked != 8 or stream.tell() != size:
         raise InvalidInstanceError("data set is truncated or has bytes after its end", 0xC000)
     return found
 
