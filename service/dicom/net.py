@@ -59,7 +59,11 @@ def set_tcp_nodelay(event: evt.Event) -> None:
         return  # not a TCP socket (tests with socket pairs) or already closed
     # Receiving: acknowledge at once, so a sender that keeps Nagle on is not stalled.
     if event.assoc.is_acceptor and type(sock) is socket.socket and _HAS_QUICKACK:
-        transport.socket = cast(socket.socket, QuickAckSocket(sock))
+        quick = QuickAckSocket(sock)
+        transport.socket = cast(socket.socket, quick)
+        # pynetdicom reads a PDU 4 KiB at a time; one read takes what has arrived. Its
+        # only caller (DULServiceProvider._read_pdu_data) appends the bytes to a bytearray.
+        setattr(transport, "recv", quick.read_exactly)  # noqa: B010 (shadows the method)
 
 
 _HAS_QUICKACK = hasattr(socket, "TCP_QUICKACK")  # Linux
@@ -94,5 +98,45 @@ class QuickAckSocket:
             pass  # closing: the read reports it
         return self._sock.recv(bufsize, flags)
 
+    def read_exactly(self, nr_bytes: int) -> bytes:
+        """Read ``nr_bytes`` (less only if the peer closes), as few reads as arrival allows.
+
+        Stands in for pynetdicom's ``AssociationSocket.recv``, which reads a
+        PDU in pieces of 4 KiB: a 256 KiB P-DATA-TF PDU took 64 reads, each
+        with its ``TCP_QUICKACK``. Here each read asks for all that is still
+        missing, up to :data:`MAX_READ` bytes (a PDU length is the peer's
+        word: memory follows the bytes that arrive, not the length).
+
+        Parameters
+        ----------
+        nr_bytes : int
+            How many bytes the caller needs (a PDU header, or its body).
+
+        Returns
+        -------
+        bytes
+            ``nr_bytes`` bytes, or what arrived before the peer closed the
+            connection (as pynetdicom returns it; its caller reports the
+            short PDU).
+
+        Raises
+        ------
+        OSError
+            If the socket fails or times out (``TimeoutError``), as a read does.
+        """
+        pieces: list[bytes] = []
+        missing = nr_bytes
+        while missing > 0:
+            piece = self.recv(min(missing, MAX_READ))
+            if not piece:
+                break  # the peer closed the connection
+            pieces.append(piece)
+            missing -= len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
     def __getattr__(self, name: str) -> object:
         return getattr(self._sock, name)
+
+
+#: The most bytes :meth:`QuickAckSocket.read_exactly` asks the kernel for in one read.
+MAX_READ = 256 << 10

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from service.config import DicomSettings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
-from service.dicom.net import QuickAckSocket, set_tcp_nodelay
+from service.dicom.net import MAX_READ, QuickAckSocket, set_tcp_nodelay
 from service.scp.handlers import StoreContext
 from service.scp.server import start_scp
 
@@ -47,6 +50,76 @@ def test_quickack_is_armed_before_every_read() -> None:
     assert wrapped.fileno() == 42  # everything else is the socket's (select uses fileno)
 
 
+class _Pieces(_RecordingSocket):
+    """Hands out the given pieces, one per read (never more than asked), then b"" (closed)."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        super().__init__()
+        self.pieces = list(pieces)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self.calls.append(("recv", bufsize, flags))
+        if not self.pieces:
+            return b""
+        piece = self.pieces.pop(0)
+        assert len(piece) <= bufsize
+        return piece
+
+
+def test_read_exactly_asks_for_all_that_is_missing_with_quickack_each_time() -> None:
+    raw = _Pieces(b"a" * 5000, b"b" * 3000, b"c" * 2000)
+    got = QuickAckSocket(raw).read_exactly(10_000)  # type: ignore[arg-type]
+    assert got == b"a" * 5000 + b"b" * 3000 + b"c" * 2000
+    quickack = ("setsockopt", socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    assert raw.calls == [quickack, ("recv", 10_000, 0), quickack, ("recv", 5000, 0),
+                         quickack, ("recv", 2000, 0)]
+
+
+def test_read_exactly_returns_what_arrived_before_the_peer_closed() -> None:
+    raw = _Pieces(b"x" * 10)
+    assert QuickAckSocket(raw).read_exactly(20) == b"x" * 10  # type: ignore[arg-type]
+    assert QuickAckSocket(_Pieces()).read_exactly(6) == b""  # type: ignore[arg-type]
+
+
+def test_read_exactly_never_asks_for_more_than_max_read() -> None:
+    """A PDU length is the peer's word: a hostile 4 GiB costs no 4 GiB buffer."""
+    raw = _Pieces(b"y" * 100)
+    assert QuickAckSocket(raw).read_exactly(1 << 32) == b"y" * 100  # type: ignore[arg-type]
+    assert [c[1] for c in raw.calls if c[0] == "recv"] == [MAX_READ, MAX_READ]
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sender = socket.create_connection(server.getsockname())
+        receiver, _ = server.accept()
+    with sender, receiver:
+        yield sender, receiver
+
+
+def test_read_exactly_on_loopback_takes_pdus_apart(
+        tcp_pair: tuple[socket.socket, socket.socket]) -> None:
+    """Real TCP: a large body sent in bursts, then a header; each read gets its own bytes."""
+    sender, receiver = tcp_pair
+    body = bytes(range(256)) * 1200  # 300 KiB: more than one read's worth
+    header = b"\x04\x00" + len(body).to_bytes(4, "big")
+
+    def send() -> None:
+        for start in range(0, len(body), 100_000):
+            sender.sendall(body[start:start + 100_000])
+            time.sleep(0.02)
+        sender.sendall(header + b"tail")
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    quick = QuickAckSocket(receiver)
+    assert quick.read_exactly(len(body)) == body
+    assert quick.read_exactly(6) == header  # not one byte of the next PDU more
+    thread.join()
+    sender.close()
+    assert quick.read_exactly(10) == b"tail"  # closed after 4 of 10
+
+
 def test_accepted_associations_read_through_quickack(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db' / 'radnode.db'}"
     migrate.upgrade(url)
@@ -67,6 +140,7 @@ def test_accepted_associations_read_through_quickack(tmp_path: Path) -> None:
             assert len(accepted) == 1
             tcp = accepted[0].dul.socket.socket
             assert isinstance(tcp, QuickAckSocket)
+            assert accepted[0].dul.socket.recv == tcp.read_exactly  # whole PDUs per read
             assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
             # The wrapper carries the whole association: reads and answers work.
             assert assoc.send_c_echo().Status == 0x0000
