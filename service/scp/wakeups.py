@@ -27,9 +27,12 @@ work:
   complete DIMSE message or an A-RELEASE/A-ABORT is queued for it.
 
 pynetdicom's state machine, its queues' contents and its timeouts are
-unchanged: each loop still runs the same checks in the same order, at worst
-after the same 1 ms. No CPU is spent spinning (shorter polls were tried and
-dropped, see ``benchmarks/README.md``).
+unchanged: each loop still runs the same checks in the same order. The DUL
+thread's turns come at worst after the same 1 ms; an established
+association thread's at worst after :data:`ASSOCIATION_IDLE_WAIT` (50 ms),
+since everything it serves wakes it and its timers (network timeout, the
+DUL thread's end) need no millisecond. No CPU is spent spinning (shorter
+polls were tried and dropped, see ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -141,6 +144,16 @@ class _DulWait:
         self.writer.close()
 
 
+#: The sleep of pynetdicom's ``Association._run_reactor`` loop (seconds).
+_REACTOR_SLEEP = 0.001
+#: The longest wait of an established association's thread between its turns (seconds).
+#: DIMSE messages, A-RELEASE and A-ABORT wake it at once; what it also checks each turn
+#: needs no millisecond: whether the DUL thread still runs, the network timeout, a
+#: request to pause the reactor. Most C-STOREs are served by the DUL thread
+#: (:mod:`service.scp.inline`), so a 1 ms turn only took the GIL from the thread working.
+ASSOCIATION_IDLE_WAIT = 0.05
+
+
 class _AssociationWait:
     """The association thread's wait: a complete DIMSE message, or an ACSE primitive."""
 
@@ -152,6 +165,10 @@ class _AssociationWait:
         assoc = self.assoc
         if assoc.dimse.msg_queue.qsize():  # one message per turn: a second one is ready now
             return
+        if seconds == _REACTOR_SLEEP and assoc.is_established and not assoc._kill:
+            # The reactor loop's own sleep, while the association runs: everything it
+            # waits for sets the event, so only its timers need a turn now and then.
+            seconds = ASSOCIATION_IDLE_WAIT
         # Cleared after the wait: anything queued before the clear is found by the checks
         # that follow this sleep in pynetdicom's loop, anything after it sets the event again.
         if self.work.wait(seconds):

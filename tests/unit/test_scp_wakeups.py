@@ -107,6 +107,33 @@ def test_without_work_the_association_wait_lasts_its_timeout() -> None:
     assert time.monotonic() - start >= 0.19
 
 
+def test_an_established_reactor_turn_waits_longer_than_1_ms_unless_woken() -> None:
+    """pynetdicom's 1 ms reactor sleep becomes ASSOCIATION_IDLE_WAIT, ended by any work."""
+    assoc = _prepared()
+    assoc.is_established = True
+    start = time.monotonic()
+    assoc._radnode_wait(0.001)  # type: ignore[attr-defined]
+    assert time.monotonic() - start >= wakeups.ASSOCIATION_IDLE_WAIT * 0.9
+    thread, took = _timed(assoc._radnode_wait, 0.001)  # type: ignore[attr-defined]
+    time.sleep(0.01)
+    assoc.dul.to_user_queue.put("A-ABORT")  # type: ignore[arg-type]
+    thread.join(LONG_S)
+    assert took and took[0] < wakeups.ASSOCIATION_IDLE_WAIT * 0.9
+
+
+@pytest.mark.parametrize("state", ["not established", "being killed", "other sleep"])
+def test_other_sleeps_of_the_association_thread_keep_their_length(state: str) -> None:
+    """Set-up, kill() (10 ms loops) and the send_* pause loops (0.1 ms) are not stretched."""
+    assoc = _prepared()
+    assoc.is_established = state != "not established"
+    assoc._kill = state == "being killed"
+    seconds = 0.0001 if state == "other sleep" else 0.001
+    start = time.monotonic()
+    for _ in range(5):
+        assoc._radnode_wait(seconds)  # type: ignore[attr-defined]
+    assert time.monotonic() - start < wakeups.ASSOCIATION_IDLE_WAIT
+
+
 @pytest.fixture
 def connection() -> Iterator[tuple[socket.socket, socket.socket]]:
     ours, theirs = socket.socketpair()
