@@ -74,6 +74,7 @@ from service.delivery.commitment import (
 from service.dicom.net import make_ae, set_tcp_nodelay
 from service.dicom.tls import server_context
 from service.dicom.uids import printable
+from service.scp.commands import read_store_commands
 from service.scp.handlers import (
     StoreContext,
     handle_aborted,
@@ -442,6 +443,7 @@ def scp_handlers(context: StoreContext, policy: AssociationPolicy) -> list[Any]:
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_CONN_OPEN, wake_on_events),
         (evt.EVT_CONN_OPEN, serve_stores_inline),  # after wake_on_events: keeps its wake-up
+        (evt.EVT_CONN_OPEN, read_store_commands),
         (evt.EVT_CONN_CLOSE, release_waits),
         (evt.EVT_REQUESTED, policy.handle_requested),
         (evt.EVT_C_ECHO, handle_echo),
