@@ -10,7 +10,7 @@ primitive in three steps, in ``DIMSEServiceProvider.receive_primitive``:
    element, and copies each into the primitive's validating setters.
 
 Per small instance that is about a third of the Python time of the whole
-C-STORE (py-spy, the SCP's GIL), for nine elements whose encoding is fixed:
+C-STORE (py-spy, the SCP's GIL), for at most nine elements whose encoding is fixed:
 Implicit VR Little Endian, group 0000 (DICOM PS3.7 6.3.1 and E.1).
 
 :class:`StoreRequests` takes the place of ``receive_primitive`` on the SCP's
