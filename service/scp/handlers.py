@@ -487,8 +487,11 @@ def _plain_values(elements: dict[BaseTag, Any]) -> _Values | None:
     found: list[str | None] = []
     for tag, vr in ((_SOP_INSTANCE, "UI"), (_SOP_CLASS, "UI"), (_MODALITY, "CS"),
                     (_IMAGES_IN_ACQUISITION, "IS")):
-        text = _plain_text(elements, tag, vr) if tag in elements else None
-        if tag in elements and text is None:
+        if tag not in elements:
+            found.append(None)
+            continue
+        text = _plain_text(elements, tag, vr)
+        if text is None:
             return None
         found.append(text)
     sop_instance, sop_class, modality, images = found
