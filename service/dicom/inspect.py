@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import mmap
 import struct
 import zlib
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from pydicom.fileutil import read_undefined_length_value
 from pydicom.tag import BaseTag, SequenceDelimiterTag
 from pydicom.uid import UID
 
+from service.dicom.walk import walk_top_level
 from service.errors import InvalidInstanceError
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -27,9 +29,11 @@ SPECIFIC_CHARACTER_SET = 0x00080005
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 _Element = RawDataElement | DataElement
+#: A data set as bytes, a file mapped with ``mmap`` (positioned at the data set) or a stream.
+_Data = bytes | mmap.mmap | BinaryIO
 
 
-def check_complete(data: bytes | BinaryIO, transfer_syntax: UID) -> None:
+def check_complete(data: _Data, transfer_syntax: UID) -> None:
     """Check that the top-level elements of an encoded data set cover it exactly.
 
     pydicom stops reading silently when a value is shorter than its length or
@@ -39,10 +43,12 @@ def check_complete(data: bytes | BinaryIO, transfer_syntax: UID) -> None:
 
     Parameters
     ----------
-    data : bytes or binary file
+    data : bytes, mmap.mmap or binary file
         The data set as received, without File Meta, in ``transfer_syntax``;
-        a file must be positioned at the data set's first byte, which runs to
-        the end of the file.
+        a mapped file or a file must be positioned at the data set's first
+        byte, which runs to the end of the file. Bytes and a mapped file are
+        walked in memory, reading only element headers
+        (:mod:`service.dicom.walk`).
     transfer_syntax : pydicom.uid.UID
         Its transfer syntax (DICOM PS3.5 10); a deflated data set is inflated first.
 
@@ -52,11 +58,10 @@ def check_complete(data: bytes | BinaryIO, transfer_syntax: UID) -> None:
         With status 0xC000 when the data set ends inside an element, has bytes
         after its last element, or cannot be inflated.
     """
-    stream, _, _ = _dataset_stream(data, transfer_syntax)
-    _walk(stream, transfer_syntax, frozenset())
+    _walk_dataset(data, transfer_syntax, frozenset())
 
 
-def check_complete_and_read(data: bytes | BinaryIO, transfer_syntax: UID,
+def check_complete_and_read(data: _Data, transfer_syntax: UID,
                             tags: Iterable[int]) -> Dataset | None:
     """Check a data set as :func:`check_complete` does and return some of its elements.
 
@@ -76,10 +81,12 @@ def check_complete_and_read(data: bytes | BinaryIO, transfer_syntax: UID,
 
     Parameters
     ----------
-    data : bytes or binary file
+    data : bytes, mmap.mmap or binary file
         The data set as received, without File Meta, in ``transfer_syntax``;
-        a file must be positioned at the data set's first byte, which runs to
-        the end of the file.
+        a mapped file or a file must be positioned at the data set's first
+        byte, which runs to the end of the file. Bytes and a mapped file are
+        walked in memory, reading only element headers
+        (:mod:`service.dicom.walk`).
     transfer_syntax : pydicom.uid.UID
         Its transfer syntax (DICOM PS3.5 10); a deflated data set (PS3.5 A.5)
         is inflated first.
@@ -148,7 +155,7 @@ class Collected:
         return dataset
 
 
-def check_complete_and_collect(data: bytes | BinaryIO, transfer_syntax: UID,
+def check_complete_and_collect(data: _Data, transfer_syntax: UID,
                                tags: Iterable[int]) -> Collected | None:
     """:func:`check_complete_and_read` without building the ``Dataset``.
 
@@ -161,9 +168,8 @@ def check_complete_and_collect(data: bytes | BinaryIO, transfer_syntax: UID,
     InvalidInstanceError
         As :func:`check_complete_and_read`.
     """
-    stream, head, whole = _dataset_stream(data, transfer_syntax)
-    start = stream.tell()
-    elements = _walk(stream, transfer_syntax, frozenset(tags) | {SPECIFIC_CHARACTER_SET})
+    elements, head, whole, first = _walk_dataset(
+        data, transfer_syntax, frozenset(tags) | {SPECIFIC_CHARACTER_SET})
     # Before it inflates, dcmread reads group 0000 elements, and a first element header
     # shorter than 8 bytes is consumed by that look-ahead (nothing else is read).
     if head[:2] == b"\0\0" or 0 < len(head) < 8:
@@ -171,7 +177,7 @@ def check_complete_and_collect(data: bytes | BinaryIO, transfer_syntax: UID,
     if not whole:  # dcmread inflates with zlib.decompress, which refuses this
         raise InvalidInstanceError(f"cannot parse data set: {zlib.error.__name__}", 0xC000)
     implicit = bool(transfer_syntax.is_implicit_VR)
-    if _read_as_other_encoding(stream, start, implicit):
+    if _read_as_other_encoding(first, implicit):
         return None
     encoding: str | list[str] = default_encoding
     if SPECIFIC_CHARACTER_SET in elements:  # as pydicom's read_dataset does
@@ -184,25 +190,49 @@ def check_complete_and_collect(data: bytes | BinaryIO, transfer_syntax: UID,
     return Collected(elements, implicit, bool(transfer_syntax.is_little_endian), encoding)
 
 
-def _dataset_stream(data: bytes | BinaryIO,
-                    transfer_syntax: UID) -> tuple[BinaryIO, bytes, bool]:
-    """The data set as a seekable stream at its first byte, inflated if deflated.
+def _walk_dataset(data: _Data, transfer_syntax: UID,
+                  wanted: frozenset[int]) -> tuple[dict[BaseTag, _Element], bytes, bool, bytes]:
+    """Walk a data set (:func:`_walk`); return its elements and what the checks after need.
 
-    Also its first 8 bytes as received and whether its deflate stream came
-    to its end (True if not deflated, or empty).
+    Bytes, an inflated data set and a mapped file (``mmap``) are walked by
+    :func:`service.dicom.walk.walk_top_level`, which reads only element
+    headers; a data set it does not take, and any other stream, by pydicom's
+    reader. Also returned: the data set's first 8 bytes as received, whether
+    its deflate stream came to its end (True if not deflated, or empty) and
+    its first 6 bytes (inflated).
     """
-    stream: BinaryIO = io.BytesIO(data) if isinstance(data, bytes) else data
-    if not transfer_syntax.is_deflated:
+    implicit = bool(transfer_syntax.is_implicit_VR)
+    little = bool(transfer_syntax.is_little_endian)
+    buffer: bytes | mmap.mmap | None = None
+    start = 0
+    whole = True
+    if transfer_syntax.is_deflated:
+        deflated = data if isinstance(data, bytes) else data.read()
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            buffer = inflater.decompress(deflated)
+        except zlib.error as exc:
+            raise InvalidInstanceError("deflated data set cannot be inflated", 0xC000) from exc
+        head = deflated[:8]
+        whole = inflater.eof or not deflated
+    elif isinstance(data, bytes | mmap.mmap):
+        buffer = data
+        start = data.tell() if isinstance(data, mmap.mmap) else 0
+        head = buffer[start:start + 8]
+    if buffer is not None:
+        first = buffer[start:start + 6]
+        elements = walk_top_level(buffer, start, implicit, little, wanted)
+        if elements is not None:
+            return dict(elements), head, whole, first
+        stream: BinaryIO = io.BytesIO(buffer)
+        stream.seek(start)
+    else:
+        stream = cast(BinaryIO, data)
+        start = stream.tell()
         head = stream.read(8)
-        stream.seek(-len(head), io.SEEK_CUR)
-        return stream, head, True
-    deflated = stream.read()
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        inflated = inflater.decompress(deflated)
-    except zlib.error as exc:
-        raise InvalidInstanceError("deflated data set cannot be inflated", 0xC000) from exc
-    return io.BytesIO(inflated), deflated[:8], inflater.eof or not deflated
+        stream.seek(start)
+        first = head[:6]
+    return _walk(stream, transfer_syntax, wanted), head, whole, first
 
 
 class _LastRead:
@@ -288,18 +318,16 @@ def _read_deferred(stream: BinaryIO, element: RawDataElement, little: bool) -> R
     return element._replace(value=value)
 
 
-def _read_as_other_encoding(stream: BinaryIO, start: int, implicit: bool) -> bool:
+def _read_as_other_encoding(first: bytes, implicit: bool) -> bool:
     """True if pydicom would read the top level in the other VR encoding.
 
     pydicom's ``read_dataset`` takes the first element's VR field (bytes 4
-    and 5) for a VR if both are upper-case letters, else for part of an
-    implicit VR length, whatever the transfer syntax.
+    and 5, given in ``first``) for a VR if both are upper-case letters, else
+    for part of an implicit VR length, whatever the transfer syntax.
     """
-    stream.seek(start)
-    head = stream.read(6)
-    if len(head) < 6:
+    if len(first) < 6:
         return False
-    looks_implicit = not (0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B)
+    looks_implicit = not (0x40 < first[4] < 0x5B and 0x40 < first[5] < 0x5B)
     return looks_implicit != implicit
 
 

@@ -12,15 +12,15 @@ titles only, and leaves no partial file and no row behind.
 
 from __future__ import annotations
 
-import io
 import logging
+import mmap
 import os
 import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -359,7 +359,7 @@ _TAGS = frozenset(Tag(keyword) for keyword in (
 
 
 #: Data sets up to this size are read into memory for the walk; larger ones (multi-frame,
-#: whole-body) are walked in the file, whose values the walk skips.
+#: whole-body) are mapped (``mmap``), and the walk touches only the pages of their headers.
 _WALK_IN_MEMORY_BYTES = 256 << 10
 
 
@@ -385,16 +385,20 @@ def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
     with received.open("rb") as handle:  # one open, one walk over the elements
         spool.start_writeback(handle.fileno())  # overlaps the checks below
         offset = dataset_offset(handle)
-        handle.seek(offset)
-        # pydicom's reader asks for the position several times per element, and a file's
-        # tell() is a system call: a data set that is not large is walked in memory.
-        source: BinaryIO = handle
         size = os.fstat(handle.fileno()).st_size
-        if size - offset <= _WALK_IN_MEMORY_BYTES:
-            source = io.BytesIO(handle.read())
         # The structure check keeps the elements of _TAGS as it walks past them: the
         # values and VRs that dcmread(stop_before_pixels=True, specific_tags=...) gives.
-        collected = check_complete_and_collect(source, event.context.transfer_syntax, _TAGS)
+        # It walks in memory: a data set that is not large is read, a large one (pixel
+        # data, multi-frame) mapped, so that only the pages of its headers are read.
+        if size - offset <= _WALK_IN_MEMORY_BYTES:
+            handle.seek(offset)
+            collected = check_complete_and_collect(handle.read(), event.context.transfer_syntax,
+                                                   _TAGS)
+        else:
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                mapped.seek(offset)
+                collected = check_complete_and_collect(mapped, event.context.transfer_syntax,
+                                                       _TAGS)
         values = _plain_values(collected.elements) if collected is not None else None
         if values is None:  # not plain: read through pydicom's Dataset
             if collected is not None:
