@@ -686,7 +686,8 @@ def durability_pairs(series: list[Series], work: Path, pairs: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per receiver and series (0 with --profile: profile only)")
     parser.add_argument("--input", type=Path, default=None,
                         help=f"series to send as the large case [{REAL_CT}]")
     parser.add_argument("--small-count", type=int, default=1000,
@@ -773,8 +774,9 @@ def main() -> None:
                     print(f"  repeat {rep + 1}: {s.name:<12} {s.count:5d} {case.table:<5} "
                           f"{case.label:<26} {seconds:6.2f} s", flush=True)
 
+        # --repeats 0 with --profile: the profile alone, no table.
         tables = {t: rows(cases, t, per_table[t])
-                  for t in dict.fromkeys(c.table for c in cases)}
+                  for t in dict.fromkeys(c.table for c in cases)} if args.repeats > 0 else {}
         for table, body in tables.items():
             print_table(TITLES[table], body)
         notes = [
@@ -784,10 +786,11 @@ def main() -> None:
         ]
         if not with_orthanc:
             notes.append("Orthanc was not on PATH: no Orthanc row.")
-        print()
-        for note in notes:
-            print(note)
-        if args.markdown is not None:
+        if tables:
+            print()
+            for note in notes:
+                print(note)
+        if args.markdown is not None and tables:
             text = markdown(tables, notes)
             if args.markdown == "-":
                 print("\n" + text, end="")
