@@ -224,7 +224,8 @@ def _walk_dataset(data: _Data, transfer_syntax: UID,
         elements = walk_top_level(buffer, start, implicit, little, wanted)
         if elements is not None:
             return dict(elements), head, whole, first
-        stream: BinaryIO = io.BytesIO(buffer)
+        stream = cast(BinaryIO, io.BytesIO(buffer) if isinstance(buffer, bytes)
+                      else _MappedFile(buffer))
         stream.seek(start)
     else:
         stream = cast(BinaryIO, data)
@@ -233,6 +234,39 @@ def _walk_dataset(data: _Data, transfer_syntax: UID,
         stream.seek(start)
         first = head[:6]
     return _walk(stream, transfer_syntax, wanted), head, whole, first
+
+
+class _MappedFile:
+    """A mapped file read as a file is: no copy of it, and a seek past its end allowed.
+
+    pydicom's reader walks a mapped data set that the skipping walk leaves
+    to it through this: a copy into ``io.BytesIO`` would hold a multi-frame
+    object in memory whole, and ``mmap.seek`` refuses a position past the
+    end, where a file (and the check of a truncated data set) accepts it.
+    """
+
+    __slots__ = ("_mapped", "_position")
+
+    def __init__(self, mapped: mmap.mmap) -> None:
+        self._mapped = mapped
+        self._position = mapped.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._mapped) if size < 0 else self._position + size
+        data = self._mapped[self._position:end]
+        self._position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._mapped)}
+        position = base[whence] + offset
+        if position < 0:
+            raise ValueError(f"negative seek position {position}")
+        self._position = position
+        return position
+
+    def tell(self) -> int:
+        return self._position
 
 
 class _LastRead:

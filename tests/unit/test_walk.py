@@ -29,7 +29,7 @@ from pydicom.uid import (
 )
 
 from service.dicom import walk
-from service.dicom.inspect import _walk, check_complete_and_collect, dataset_offset
+from service.dicom.inspect import _MappedFile, _walk, check_complete_and_collect, dataset_offset
 from service.errors import InvalidInstanceError
 from tests.unit.test_inspect_fields import SERIES_UID, SOP_UID, STUDY_UID, TAGS, dicom_files
 
@@ -329,3 +329,46 @@ def test_a_mapped_file_gives_what_its_bytes_give(test_data_dir: Path, tmp_path: 
         with pytest.raises(InvalidInstanceError, match="truncated") as refused:
             check_complete_and_collect(mapped, syntax, TAGS)
     assert refused.value.status == 0xC000
+
+
+def test_a_mapped_file_left_to_pydicom_is_read_in_place(tmp_path: Path) -> None:
+    # A UN value of undefined length: the skipping walk leaves it to pydicom, which then
+    # reads the mapped file as a file (no copy of 600 kB of pixel data into memory).
+    pixels = el(0x7FE00010, "OW", bytes(600_000))
+    unusual = el(0x00091010, "UN", sequence(item(el(0x00091011, None, b"AB"))), undefined=True)
+    data = explicit_with(unusual) + pixels
+    assert fast(data, ExplicitVRLittleEndian) is None
+    expected = check_complete_and_collect(data, ExplicitVRLittleEndian, TAGS)
+    assert expected is not None and expected.elements
+    path = tmp_path / "big.dcm"
+    preamble = b"FILE META STANDS HERE"
+    for body, whole in ((data, True), (data[:-5], False)):
+        path.write_bytes(preamble + body)
+        with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0,
+                                                  access=mmap.ACCESS_READ) as mapped:
+            mapped.seek(len(preamble))
+            if whole:
+                found = check_complete_and_collect(mapped, ExplicitVRLittleEndian, TAGS)
+                assert found is not None
+                assert {t: e.value for t, e in found.elements.items()} == {
+                    t: e.value for t, e in expected.elements.items()}
+            else:  # pydicom's skip runs past the end: refused as a file is refused
+                with pytest.raises(InvalidInstanceError, match="truncated"):
+                    check_complete_and_collect(mapped, ExplicitVRLittleEndian, TAGS)
+
+
+def test_mapped_file_reads_and_seeks_as_a_file_does(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0,
+                                              access=mmap.ACCESS_READ) as mapped:
+        mapped.seek(2)
+        view = _MappedFile(mapped)
+        assert view.tell() == 2
+        assert view.read(3) == b"234"
+        assert view.seek(4, io.SEEK_CUR) == 9
+        assert view.read(5) == b"9"  # short at the end
+        assert view.seek(20) == 20 and view.read(8) == b""  # past the end, as a file allows
+        assert view.seek(-3, io.SEEK_END) == 7 and view.read() == b"789"
+        with pytest.raises(ValueError):
+            view.seek(-1)
