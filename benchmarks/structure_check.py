@@ -38,6 +38,7 @@ from pydicom.filereader import read_file_meta_info  # noqa: E402
 from pydicom.uid import UID  # noqa: E402
 
 from service.dicom.inspect import _walk, check_complete_and_collect, dataset_offset  # noqa: E402
+from service.dicom.scu import find_dicom_files  # noqa: E402
 from service.scp.handlers import _TAGS  # noqa: E402
 
 WANTED = _TAGS | {0x00080005}
@@ -52,17 +53,6 @@ FOLDERS = [
 def data_dir() -> Path:
     configured = os.environ.get("RADNODE_TEST_DATA")
     return Path(configured) if configured else REPO.parent / "shared" / "data"
-
-
-def part10_files(folder: Path) -> list[Path]:
-    found = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as handle:
-                handle.seek(128)
-                if handle.read(4) == b"DICM":
-                    found.append(path)
-    return found
 
 
 def timed(function: Callable[[], object], repeats: int) -> float:
@@ -113,12 +103,12 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # odd values in some files; not what is measured
     root = data_dir()
-    names = list(ways(part10_files(root / FOLDERS[0][1])[0]))
+    names = list(ways(find_dicom_files([root / FOLDERS[0][1]])[0]))
     print(f"median µs per data set (each file timed {args.repeats}×, median over files)")
     print(f"{'folder':<38} {'files':>5} {'KiB':>6}  " + "  ".join(f"{n:>15}" for n in names)
           + "  speed-up")
     for label, relative in FOLDERS:
-        files = part10_files(root / relative)[:args.files]
+        files = find_dicom_files([root / relative])[:args.files]
         if not files:
             print(f"{label:<38} not found under {root}")
             continue
