@@ -81,7 +81,11 @@ def dataset_of(path: Path) -> tuple[bytes, UID]:
 
 
 def header_end(data: bytes, syntax: UID) -> int:
-    """Where the walk's work ends: the first pixel data element's value (or the end)."""
+    """Just past the last bytes that read as a pixel data tag (or the end of the data).
+
+    Everything before it, every header included, is cut and mutated byte by byte; the
+    pixel data after it only every so often.
+    """
     for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):
         packed = struct.pack("<HH" if syntax.is_little_endian else ">HH", tag >> 16,
                              tag & 0xFFFF)
