@@ -39,7 +39,8 @@ class Counters(Protocol):
 
     def rejected(self, reason: str) -> None: ...  # noqa: D102
 
-    def stored(self, calling_ae: str, status: int, size_bytes: int) -> None: ...  # noqa: D102
+    def stored(self, calling_ae: str, status: int, size_bytes: int,  # noqa: D102
+               seconds: float | None = None) -> None: ...
 
 
 @dataclass
@@ -127,8 +128,12 @@ class AssociationRecorder:
             self.counters.rejected(reason)
 
     def stored(self, event: evt.Event, status: int, size_bytes: int,
-               series_uid: str | None) -> None:
-        """One C-STORE response was sent with ``status``; ``size_bytes`` if stored."""
+               series_uid: str | None, seconds: float | None = None) -> None:
+        """One C-STORE response was sent with ``status``; ``size_bytes`` if stored.
+
+        ``seconds``: how long the handler took to store it (the counters' store-time
+        histogram).
+        """
         success = status == 0x0000
         with self._lock:
             record = self._open.get(id(event.assoc))
@@ -143,7 +148,7 @@ class AssociationRecorder:
                         record.series_uids.append(series_uid)
         if self.counters is not None:
             calling = record.calling_ae if record is not None else _peer(event)[0]
-            self.counters.stored(calling, status, size_bytes if success else 0)
+            self.counters.stored(calling, status, size_bytes if success else 0, seconds)
 
     def ended(self, event: evt.Event, outcome: str) -> None:
         """``EVT_RELEASED`` (``released``) or ``EVT_ABORTED`` (``aborted``): record it."""

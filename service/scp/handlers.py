@@ -17,6 +17,7 @@ import mmap
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,14 +216,17 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
     """Store one instance durably, then answer Success; count the response.
 
     See :func:`store_instance` for the statuses; each response is reported
-    to ``context.associations`` (counts, bytes, statuses per association).
+    to ``context.associations`` (counts, bytes, statuses per association, and
+    the seconds from the data set received whole to the response).
     """
+    started = time.perf_counter()
     answer, fields = _store(event, context)
     if context.associations is not None:
+        seconds = time.perf_counter() - started
         status = answer if isinstance(answer, int) else int(answer.Status)
         size = fields.size_bytes if fields is not None else 0
         series_uid = fields.series_uid if fields is not None else None
-        context.associations.stored(event, status, size, series_uid)
+        context.associations.stored(event, status, size, series_uid, seconds)
     return answer
 
 

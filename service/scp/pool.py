@@ -460,9 +460,10 @@ class ParentCounters:
         """As :meth:`service.metrics.NodeMetrics.rejected`."""
         self._send("rejected", reason)
 
-    def stored(self, calling_ae: str, status: int, size_bytes: int) -> None:
+    def stored(self, calling_ae: str, status: int, size_bytes: int,
+               seconds: float | None = None) -> None:
         """As :meth:`service.metrics.NodeMetrics.stored`."""
-        self._send("stored", calling_ae, status, size_bytes)
+        self._send("stored", calling_ae, status, size_bytes, seconds)
 
 
 class ChildServer(DicomServer):

@@ -202,6 +202,8 @@ def test_api_metrics_actions_and_audit_on_a_live_node(
         samples = metrics(client)
         assert sample(samples, "radnode_instances_received_total", calling_ae=SENDER) == n
         assert sample(samples, "radnode_cstore_responses_total", status="0x0000") == n
+        assert sample(samples, "radnode_cstore_store_seconds_count") == n
+        assert 0 < sample(samples, "radnode_cstore_store_seconds_sum") < 60
         assert sample(samples, "radnode_associations_total", calling_ae=SENDER,
                       outcome="accepted") == 1
         assert sample(samples, "radnode_associations_total", calling_ae=SENDER,

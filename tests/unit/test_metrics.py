@@ -16,7 +16,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.db.models import Base, Delivery, Job, Result, Series
 from service.db.session import make_engine, make_session_factory
-from service.metrics import DURATION_BUCKETS, HOPS, NodeMetrics, seconds_between
+from service.metrics import (
+    DURATION_BUCKETS,
+    HOPS,
+    STORE_BUCKETS,
+    NodeMetrics,
+    seconds_between,
+)
 from tests.unit.conftest import T0
 
 CT = "radnode-builtin-ct"
@@ -333,6 +339,25 @@ def test_cstore_statuses_instances_and_bytes(metrics: NodeMetrics) -> None:
     assert value(samples, "radnode_instances_received_total", calling_ae="MR_SCANNER") == 0
     assert value(samples, "radnode_received_bytes_total", calling_ae="CT_SCANNER") == 750_000
     assert value(samples, "radnode_received_bytes_total", calling_ae="MR_SCANNER") == 100
+
+
+def test_store_seconds_of_successes_only(metrics: NodeMetrics) -> None:
+    metrics.stored("CT_SCANNER", 0x0000, 500_000, 0.0004)  # first bucket (0.5 ms)
+    metrics.stored("CT_SCANNER", 0x0000, 500_000, 0.003)  # 5 ms
+    metrics.stored("MR_SCANNER", 0x0000, 9_000, 0.35)  # a stalling disk: 0.5 s
+    metrics.stored("CT_SCANNER", 0x0000, 9_000)  # no time given: counted, not observed
+    metrics.stored("CT_SCANNER", 0xA700, 0, 0.9)  # refused: not a store time
+    samples = parse(metrics.render()[0])
+
+    def bucket(bound: float) -> float:
+        return value(samples, "radnode_cstore_store_seconds_bucket", le=str(float(bound)))
+
+    assert [bucket(b) for b in STORE_BUCKETS] == [
+        1, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3]
+    assert value(samples, "radnode_cstore_store_seconds_bucket", le="+Inf") == 3
+    assert value(samples, "radnode_cstore_store_seconds_count") == 3
+    assert value(samples, "radnode_cstore_store_seconds_sum") == pytest.approx(0.3534)
+    assert value(samples, "radnode_instances_received_total", calling_ae="CT_SCANNER") == 3
 
 
 def test_associations_by_outcome(metrics: NodeMetrics) -> None:

@@ -72,8 +72,9 @@ class _Counted:
     def rejected(self, reason: str) -> None:
         self.calls.append(("rejected", (reason,)))
 
-    def stored(self, calling_ae: str, status: int, size_bytes: int) -> None:
-        self.calls.append(("stored", (calling_ae, status, size_bytes)))
+    def stored(self, calling_ae: str, status: int, size_bytes: int,
+               seconds: float | None = None) -> None:
+        self.calls.append(("stored", (calling_ae, status, size_bytes, seconds)))
 
 
 class _Listener:
@@ -152,10 +153,13 @@ def test_connections_go_to_the_least_loaded_process_and_are_counted_until_reques
     assert listener.waiting == {"10.0.0.1": 1}
     assert scp.connections == 1
 
-    scp._apply(scp.children[1], {"t": "count", "m": "stored", "a": ["CT1", 0, 9000]})
+    scp._apply(scp.children[1], {"t": "count", "m": "stored", "a": ["CT1", 0, 9000, 0.002]})
+    scp._apply(scp.children[1], {"t": "count", "m": "stored", "a": ["CT1", 0xA700, 0]})
     scp._apply(scp.children[1], {"t": "count", "m": "rejected", "a": ["peer-address"]})
     scp._apply(scp.children[1], {"t": "count", "m": "render", "a": []})  # not a counter
-    assert counters.calls == [("stored", ("CT1", 0, 9000)), ("rejected", ("peer-address",))]
+    assert counters.calls == [("stored", ("CT1", 0, 9000, 0.002)),
+                              ("stored", ("CT1", 0xA700, 0, None)),
+                              ("rejected", ("peer-address",))]
 
 
 def test_a_child_reports_counter_moves_to_the_node() -> None:
@@ -164,9 +168,13 @@ def test_a_child_reports_counter_moves_to_the_node() -> None:
         counters = ParentCounters(a)
         counters.association("CT1", "accepted")
         counters.stored("CT1", 0xA700, 0)
+        counters.stored("CT1", 0, 9000, 0.0015)
         assert receive_message(b)[0] == {"t": "count", "m": "association",
                                          "a": ["CT1", "accepted"]}
-        assert receive_message(b)[0] == {"t": "count", "m": "stored", "a": ["CT1", 0xA700, 0]}
+        assert receive_message(b)[0] == {"t": "count", "m": "stored",
+                                         "a": ["CT1", 0xA700, 0, None]}
+        assert receive_message(b)[0] == {"t": "count", "m": "stored",
+                                         "a": ["CT1", 0, 9000, 0.0015]}
         b.close()
         counters.rejected("tls-handshake-failed")  # the node is gone: no error
 
