@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
 import threading
 from datetime import datetime, timedelta
@@ -30,6 +32,8 @@ MR = "radnode-builtin-mr"
 BOUNDS = [repr(float(b)) for b in DURATION_BUCKETS] + ["+Inf"]
 
 Key = tuple[str, frozenset[tuple[str, str]]]
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "radnode.json"
 
 
 def at(seconds: float) -> datetime:
@@ -358,6 +362,19 @@ def test_store_seconds_of_successes_only(metrics: NodeMetrics) -> None:
     assert value(samples, "radnode_cstore_store_seconds_count") == 3
     assert value(samples, "radnode_cstore_store_seconds_sum") == pytest.approx(0.3534)
     assert value(samples, "radnode_instances_received_total", calling_ae="CT_SCANNER") == 3
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_exposed(
+        metrics: NodeMetrics, session_factory: sessionmaker[Session]) -> None:
+    populate(session_factory)
+    metrics.association("CT_SCANNER", "accepted")
+    metrics.stored("CT_SCANNER", 0x0000, 1000, 0.001)
+    exposed = names(parse(metrics.render()[0]))
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    queried = {name for panel in dashboard["panels"] for target in panel.get("targets", [])
+               for name in re.findall(r"radnode_[a-z_]+", target["expr"])}
+    assert "radnode_cstore_store_seconds_bucket" in queried
+    assert queried - exposed == set()
 
 
 def test_associations_by_outcome(metrics: NodeMetrics) -> None:
