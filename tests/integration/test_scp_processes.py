@@ -120,7 +120,8 @@ def test_four_senders_are_spread_over_both_processes_and_all_is_counted(
         stored_bytes = db.execute("SELECT SUM(size_bytes) FROM instances").fetchone()[0]
     assert _metric(node, "radnode_received_bytes_total") == stored_bytes
     # Each process timed its stores: one observation per instance, each a positive time.
-    assert _metric(node, "radnode_cstore_store_seconds_count") == len(files)
+    _wait(lambda: _metric(node, "radnode_cstore_store_seconds_count") == len(files), 10,
+          "the store times of both processes in /metrics", node.log)
     assert _metric(node, "radnode_cstore_store_seconds_sum") > 0
     _wait(lambda: _metric(node, "radnode_associations_total") == 8, 10,
           "4 accepted + 4 released associations in /metrics", node.log)
