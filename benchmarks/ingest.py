@@ -232,13 +232,74 @@ class Receiver:
             time.sleep(0.05)
 
 
+#: ``--store-times``: radnode serves ``/metrics`` (open, on loopback) and each run prints
+#: the store-time histogram (``radnode_cstore_store_seconds``).
+STORE_TIMES = False
+
+
 class Radnode(Receiver):
+    http_port = 0
+
     def command(self) -> tuple[list[str], dict[str, str]]:
         venv_python = REPO / ".venv" / "bin" / "python"
         python = str(venv_python) if venv_python.exists() else sys.executable
-        return ([python, "-m", "service.cli", "serve", "--no-worker", "--no-http",
+        env = dict(os.environ)
+        http = ["--no-http"]
+        if STORE_TIMES:
+            self.http_port = free_port()
+            http = ["--http-host", "127.0.0.1", "--http-port", str(self.http_port)]
+            env["RADNODE_HTTP__METRICS_AUTH"] = "false"
+        return ([python, "-m", "service.cli", "serve", "--no-worker", *http,
                  "--ae-title", self.aet, "--host", "127.0.0.1", "--port", str(self.port),
-                 "--data-dir", str(self.folder), "--quiet-period", "3600"], dict(os.environ))
+                 "--data-dir", str(self.folder), "--quiet-period", "3600"], env)
+
+    def start(self, folder: Path, ready_timeout_s: float = 60.0) -> None:
+        super().start(folder, ready_timeout_s)
+        if not STORE_TIMES:
+            return
+        # The SCP answers before the HTTP API is up; its start (imports, a password hash)
+        # must not overlap the timed send.
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz",
+                                            timeout=2):
+                    break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise BenchmarkError(f"{self.label}: no HTTP API on port {self.http_port}"
+                                         f"\n{log_tail(self.log)}") from None
+                time.sleep(0.1)
+        time.sleep(0.5)
+
+    def store_times(self) -> str:
+        """The node's store-time histogram, in words (``--store-times``)."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics",
+                                    timeout=10) as response:
+            text = response.read().decode()
+        buckets: list[tuple[float, float]] = []
+        for family in text_string_to_metric_families(text):
+            if family.name == "radnode_cstore_store_seconds":
+                buckets = sorted((float(x.labels["le"]), x.value) for x in family.samples
+                                 if x.name.endswith("_bucket"))
+        if not buckets or buckets[-1][1] == 0:
+            return "no store times"
+        count = buckets[-1][1]
+
+        def at_most(q: float) -> str:
+            bound = next(b for b, n in buckets if n >= q * count)
+            return f"≤ {bound * 1e3:g} ms" if bound != float("inf") else "> 5 s"
+
+        over = count - next(n for b, n in buckets if b == 0.01)
+        return (f"store time p50 {at_most(0.5)}, p99 {at_most(0.99)}; "
+                f"{over:.0f} of {count:.0f} over 10 ms")
 
     def count(self) -> int:
         db = self.folder / "radnode.db"
@@ -413,7 +474,11 @@ def run_case(case: Case, series: Series, work: Path, tag: str) -> float:
     receiver = case.receiver(case.label, case.aet, nodelay=case.receiver_nodelay)
     try:
         receiver.start(work / tag)
-        return send(receiver, series, case.sender_nodelay)
+        seconds = send(receiver, series, case.sender_nodelay)
+        if STORE_TIMES and isinstance(receiver, Radnode):
+            print(f"    {case.label}, {series.name}: {seconds:.2f} s; {receiver.store_times()}",
+                  flush=True)
+        return seconds
     finally:
         receiver.stop()
         shutil.rmtree(work / tag, ignore_errors=True)
@@ -719,7 +784,14 @@ def main() -> None:
                         help="only measure what durability costs: PAIRS back-to-back runs of "
                         "radnode with fsync and under eatmydata, per series, alternating "
                         "which goes first; prints the median of the pairwise ratios")
+    parser.add_argument("--store-times", action="store_true",
+                        help="radnode also serves /metrics on loopback; after each of its runs "
+                        "print its C-STORE store times (radnode_cstore_store_seconds): the "
+                        "structure check, fsync and commit per instance, and how many took "
+                        "over 10 ms (a stalling disk)")
     args = parser.parse_args()
+    global STORE_TIMES
+    STORE_TIMES = args.store_times
 
     for tool, name in ((STORESCU, "storescu"), (STORESCP, "storescp"), (ECHOSCU, "echoscu")):
         if tool is None:
