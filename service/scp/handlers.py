@@ -62,6 +62,54 @@ def _positive_int(value: Any) -> int | None:
     return number if number > 0 else None
 
 
+#: A store that takes longer than this, seconds from the data set received whole to its
+#: Success, is logged: the spool's disk or the database stalls, and the sender waits.
+SLOW_STORE_S = 1.0
+#: At most one warning of slow stores per this many seconds; those between are counted.
+SLOW_STORE_WARNING_INTERVAL_S = 60.0
+
+
+class SlowStores:
+    """Warns, at most once a minute, of C-STORE stores slower than :data:`SLOW_STORE_S`.
+
+    A sender waits for each C-STORE response, so a store that takes seconds (a
+    spool disk whose flushes stall, a database slow to commit) stalls every
+    scanner sending to the node. The warning gives how many stores were slow
+    since the last one and the slowest, by SOP Instance UID and calling AE
+    title (no patient data). ``radnode_cstore_store_seconds`` has them all.
+
+    Parameters
+    ----------
+    clock : callable, optional
+        Monotonic seconds (:func:`time.monotonic`); tests pass their own.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_warning: float | None = None
+        self._count = 0
+        self._slowest = (0.0, "", "")  # seconds, SOP Instance UID, calling AE title
+
+    def observe(self, seconds: float, sop_instance_uid: str, calling_ae: str) -> None:
+        """Count one store that took ``seconds`` (>= :data:`SLOW_STORE_S`); warn if due."""
+        with self._lock:
+            self._count += 1
+            if seconds > self._slowest[0]:
+                self._slowest = (seconds, sop_instance_uid, calling_ae)
+            now = self._clock()
+            if (self._last_warning is not None
+                    and now - self._last_warning < SLOW_STORE_WARNING_INTERVAL_S):
+                return
+            count, (slowest, uid, ae) = self._count, self._slowest
+            self._last_warning, self._count, self._slowest = now, 0, (0.0, "", "")
+        log.warning("slow C-STORE: %d instance(s) took over %.0f s from the data set received "
+                    "to Success (structure check, fsync of the spool's disk, database "
+                    "commit); the slowest %.1f s, %s from AE %s. Senders wait for each "
+                    "response: check the spool's disk and the database",
+                    count, SLOW_STORE_S, slowest, uid, ae)
+
+
 def _status(code: int, comment: str) -> Dataset:
     status = Dataset()
     status.Status = code
@@ -98,6 +146,8 @@ class StoreContext:
     on_commitment_report: Callable[[CommitmentReport], None] | None = None
     #: Counts, records and audits each association (None: not recorded).
     associations: AssociationRecorder | None = None
+    #: Warns of stores slower than :data:`SLOW_STORE_S`.
+    slow_stores: SlowStores = field(default_factory=SlowStores)
     _ingest_writer: IngestWriter | None = field(default=None, repr=False, compare=False)
 
     def ingest_writer(self) -> IngestWriter:
@@ -217,12 +267,17 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
 
     See :func:`store_instance` for the statuses; each response is reported
     to ``context.associations`` (counts, bytes, statuses per association, and
-    the seconds from the data set received whole to the response).
+    the seconds from the data set received whole to the response); a store
+    slower than :data:`SLOW_STORE_S` is logged (:class:`SlowStores`).
     """
     started = time.perf_counter()
     answer, fields = _store(event, context)
+    seconds = time.perf_counter() - started
+    if seconds >= SLOW_STORE_S and isinstance(answer, int) and answer == SUCCESS \
+            and fields is not None:
+        context.slow_stores.observe(seconds, fields.sop_instance_uid,
+                                    printable(event.assoc.requestor.ae_title, 16))
     if context.associations is not None:
-        seconds = time.perf_counter() - started
         status = answer if isinstance(answer, int) else int(answer.Status)
         size = fields.size_bytes if fields is not None else 0
         series_uid = fields.series_uid if fields is not None else None

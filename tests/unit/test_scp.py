@@ -30,7 +30,8 @@ from service.config import DicomSettings
 from service.db import migrate
 from service.db.models import Instance, Series
 from service.db.session import make_engine, make_session_factory
-from service.scp.handlers import StoreContext
+from service.scp import handlers
+from service.scp.handlers import SlowStores, StoreContext
 from service.scp.server import AcceptorContexts, build_ae, start_scp
 from tests.unit.dicom_factory import make_ct_dataset
 
@@ -274,6 +275,60 @@ def test_no_patient_data_in_logs(node: Node, caplog: pytest.LogCaptureFixture) -
         assert "SECRET" not in text, record.name
     assert "SECRET" not in caplog.text
 
+
+
+def _slow_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "radnode.scp" and r.getMessage().startswith("slow C-STORE")]
+
+
+def test_slow_stores_warn_at_most_once_a_minute_with_the_slowest(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="radnode.scp")
+    now = [1000.0]
+    slow = SlowStores(clock=lambda: now[0])
+    slow.observe(1.5, "1.2.3.1", "CT1")  # the first warns at once
+    assert _slow_warnings(caplog) == [
+        "slow C-STORE: 1 instance(s) took over 1 s from the data set received to Success "
+        "(structure check, fsync of the spool's disk, database commit); the slowest 1.5 s, "
+        "1.2.3.1 from AE CT1. Senders wait for each response: check the spool's disk and the "
+        "database"]
+    now[0] += 30
+    slow.observe(4.2, "1.2.3.2", "MR1")
+    slow.observe(2.0, "1.2.3.3", "CT1")
+    assert len(_slow_warnings(caplog)) == 1  # within the minute: counted, not logged
+    now[0] += 31
+    slow.observe(1.1, "1.2.3.4", "CT1")
+    last = _slow_warnings(caplog)[-1]
+    assert len(_slow_warnings(caplog)) == 2
+    assert last.startswith("slow C-STORE: 3 instance(s)")
+    assert "the slowest 4.2 s, 1.2.3.2 from AE MR1" in last
+    now[0] += 61
+    slow.observe(1.0, "1.2.3.5", "CT1")  # the count starts again after each warning
+    assert _slow_warnings(caplog)[-1].startswith("slow C-STORE: 1 instance(s)")
+    assert "the slowest 1.0 s, 1.2.3.5 from AE CT1" in _slow_warnings(caplog)[-1]
+
+
+def test_a_slow_store_is_logged_by_uid_and_ae(node: Node, caplog: pytest.LogCaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = make_ct_dataset(rows=16, columns=16)
+    monkeypatch.setattr(handlers, "SLOW_STORE_S", 0.0)  # every store counts as slow
+    (rsp,) = send(node.port, [ds])
+    assert status_of(rsp) == 0x0000
+    (warning,) = _slow_warnings(caplog)
+    assert "1 instance(s) took over 0 s" in warning
+    assert f"{ds.SOPInstanceUID} from AE TESTSCU" in warning
+    assert str(ds.PatientName) not in warning and str(ds.PatientID) not in warning
+
+
+def test_a_refused_store_is_never_called_slow(node: Node, caplog: pytest.LogCaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = make_ct_dataset(rows=16, columns=16)
+    del ds.SeriesInstanceUID
+    monkeypatch.setattr(handlers, "SLOW_STORE_S", 0.0)
+    (rsp,) = send(node.port, [ds])
+    assert status_of(rsp) == 0xC000
+    assert _slow_warnings(caplog) == []
 
 
 def test_acceptor_contexts_deep_copy_is_equal_and_independent() -> None:
