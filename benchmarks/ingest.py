@@ -29,7 +29,7 @@ receiver.
 
     .venv/bin/python benchmarks/ingest.py [--repeats 3] [--input DIR]
         [--small-count 1000] [--stock-small-count 200] [--no-stock]
-        [--markdown [FILE]] [--profile FILE]
+        [--markdown [FILE]] [--profile FILE] [--store-times]
 
 ``--profile FILE`` adds, per series, one untimed send to radnode with py-spy
 attached to it (``pip install py-spy``), writes py-spy's raw (collapsed)
@@ -37,6 +37,11 @@ stacks to FILE (the first series; ``FILE-1``... for the others) and prints the
 top frames. py-spy counts a thread in ``time.sleep`` as active: pynetdicom's
 polling loops (``dul.py`` ``run_reactor``, ``association.py``
 ``_run_reactor``) show up although they wait.
+
+``--store-times`` runs radnode with its HTTP API on loopback (``/metrics`` open),
+waits for it before each send, and after each radnode run prints that run's
+``radnode_cstore_store_seconds``: p50, p99 and how many stores took over 10 ms,
+so that a slow run can be told from a stalling disk.
 """
 
 from __future__ import annotations
