@@ -64,6 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_CT = REPO.parent / "shared" / "data" / "ct_abdomen_pancreas_tcia"
 STORESCU = shutil.which("storescu", path="/usr/bin") or shutil.which("storescu")
@@ -264,16 +266,13 @@ class Radnode(Receiver):
             return
         # The SCP answers before the HTTP API is up; its start (imports, a password hash)
         # must not overlap the timed send.
-        import urllib.error
-        import urllib.request
-
         deadline = time.monotonic() + ready_timeout_s
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz",
                                             timeout=2):
                     break
-            except (urllib.error.URLError, OSError):
+            except OSError:  # urllib's URLError included
                 if time.monotonic() > deadline:
                     raise BenchmarkError(f"{self.label}: no HTTP API on port {self.http_port}"
                                          f"\n{log_tail(self.log)}") from None
@@ -282,10 +281,6 @@ class Radnode(Receiver):
 
     def store_times(self) -> str:
         """The node's store-time histogram, in words (``--store-times``)."""
-        import urllib.request
-
-        from prometheus_client.parser import text_string_to_metric_families
-
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics",
                                     timeout=10) as response:
             text = response.read().decode()

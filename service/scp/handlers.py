@@ -273,12 +273,11 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
     started = time.perf_counter()
     answer, fields = _store(event, context)
     seconds = time.perf_counter() - started
-    if seconds >= SLOW_STORE_S and isinstance(answer, int) and answer == SUCCESS \
-            and fields is not None:
+    status = answer if isinstance(answer, int) else int(answer.Status)
+    if seconds >= SLOW_STORE_S and status == SUCCESS and fields is not None:
         context.slow_stores.observe(seconds, fields.sop_instance_uid,
                                     printable(event.assoc.requestor.ae_title, 16))
     if context.associations is not None:
-        status = answer if isinstance(answer, int) else int(answer.Status)
         size = fields.size_bytes if fields is not None else 0
         series_uid = fields.series_uid if fields is not None else None
         context.associations.stored(event, status, size, series_uid, seconds)
