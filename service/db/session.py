@@ -49,11 +49,13 @@ def describe_url(url: str) -> str:
 
 
 def make_engine(url: str, *, pool_size: int | None = None,
-                pool_timeout_s: float = 30.0) -> Engine:
+                pool_timeout_s: float = 30.0, synchronous: str = "FULL") -> Engine:
     """Create an engine for ``url``.
 
     SQLite gets WAL journaling, ``synchronous=FULL`` (a committed row survives
-    power loss), a 30 s busy timeout and foreign keys on, so that the SCP's
+    power loss; ``synchronous="NORMAL"``: a commit does not flush the WAL, a
+    later flush does; only for the SCP's rows, see
+    :mod:`service.scp.durability`), a 30 s busy timeout and foreign keys on, so that the SCP's
     association threads, the scheduler and a worker process can share the file.
     PostgreSQL (psycopg 3) gets a connection pool of ``pool_size`` connections
     plus as many again in overflow, checked before use (a restarted server
@@ -69,12 +71,18 @@ def make_engine(url: str, *, pool_size: int | None = None,
     pool_timeout_s : float
         Longest wait for a free pooled connection, seconds; then
         ``sqlalchemy.exc.TimeoutError``.
+    synchronous : {"FULL", "NORMAL"}
+        SQLite's ``PRAGMA synchronous`` (ignored by PostgreSQL).
 
     Raises
     ------
     ConfigError
         If ``url`` cannot be parsed or names a driver that is not installed.
+    ValueError
+        If ``synchronous`` is neither ``"FULL"`` nor ``"NORMAL"``.
     """
+    if synchronous not in ("FULL", "NORMAL"):
+        raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
     url = normalize_url(url)
     kwargs: dict[str, Any] = {"future": True}
     if url.startswith("sqlite"):
@@ -95,7 +103,7 @@ def make_engine(url: str, *, pool_size: int | None = None,
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()

@@ -89,13 +89,61 @@ def start_writeback(fd: int) -> None:
         function(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync_file(path: Path, *, attributes: bool = False) -> None:
     # fdatasync: the data and the size reach the disk; mtime/atime need not.
+    # attributes: fsync, so that the inode goes too, its extended attributes with it.
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.fdatasync(fd)
+        (os.fsync if attributes else os.fdatasync)(fd)
     finally:
         os.close(fd)
+
+
+#: The extended attribute that marks a received file as a stored instance
+#: (:func:`mark_stored`); its value is the SCP's (:class:`service.scp.durability.StoredMark`).
+STORED_MARK = "user.radnode.stored"
+
+
+def mark_stored(path: Path, value: bytes) -> None:
+    """Mark ``path`` as a stored instance: set its :data:`STORED_MARK` extended attribute.
+
+    The mark reaches the disk with the file's next fsync (``adopt(...,
+    attributes=True)``): one flush makes the data and the mark durable.
+
+    Raises
+    ------
+    OSError
+        If the file system has no user extended attributes (``ENOTSUP``), has
+        no room for this one (``ENOSPC``, ``E2BIG``) or the file is gone.
+    """
+    os.setxattr(path, STORED_MARK, value)
+
+
+def stored_mark(path: Path) -> bytes | None:
+    """The :data:`STORED_MARK` of ``path``; None if it has none or it cannot be read."""
+    try:
+        return os.getxattr(path, STORED_MARK)
+    except OSError:  # ENODATA (no mark), ENOTSUP, ENOENT
+        return None
+
+
+def marks_supported(directory: Path) -> bool:
+    """True if files in ``directory`` take :data:`STORED_MARK` (a probe file is marked).
+
+    Raises
+    ------
+    OSError
+        If no probe file can be made in ``directory``.
+    """
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".incoming-probe-", suffix=".tmp")
+    os.close(fd)
+    try:
+        mark_stored(Path(name), b"probe")
+        return stored_mark(Path(name)) == b"probe"
+    except OSError:
+        return False
+    finally:
+        os.unlink(name)
 
 
 #: Directories whose own entry in their parent is known to be on disk (this
@@ -130,7 +178,7 @@ def write_temporary(target: Path, data: bytes) -> Path:
     return temporary
 
 
-def adopt(received: Path, target: Path) -> Path:
+def adopt(received: Path, target: Path, *, attributes: bool = False) -> Path:
     """Make a file received elsewhere durable, ready to be renamed onto ``target``.
 
     On the spool's file system (the node points pynetdicom's temporary files
@@ -139,6 +187,9 @@ def adopt(received: Path, target: Path) -> Path:
     which is atomic on one file system, and no extra file is created (each
     creation and rename is a journal entry that a later fsync waits for).
     Elsewhere it is copied into a fsynced temporary file beside ``target``.
+    ``attributes=True`` fsyncs the whole inode, not only the data and the
+    size: the received file's :data:`STORED_MARK` goes to the disk with them
+    (a copy carries no mark).
 
     Returns
     -------
@@ -152,7 +203,7 @@ def adopt(received: Path, target: Path) -> Path:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     if received.stat().st_dev == target.parent.stat().st_dev:
-        _fsync_file(received)
+        _fsync_file(received, attributes=attributes)
         return received
     with _temporary_beside(target) as temporary:  # another file system: a rename cannot
         shutil.copyfile(received, temporary)
@@ -181,12 +232,48 @@ def move_into_place(temporary: Path, target: Path, root: Path | None = None, *,
         must be removed (it may already be in place).
     """
     os.replace(temporary, target)
-    if not sync_directories:
-        return
-    fsync_directory(target.parent)  # the new entry of target
+    if sync_directories:
+        sync_directory_chain(target.parent, root)
+
+
+def link_into_place(received: Path, target: Path) -> None:
+    """Give a fsynced received file a second name, ``target``, and keep the first.
+
+    For the SCP's marked files (:mod:`service.scp.durability`): the received
+    name, on disk since the file was made ahead, stays until the
+    directories and the database rows have been flushed; after a power cut
+    before that, recovery finds the file by it. A file already at
+    ``target`` (never recorded: its row is being inserted now) is replaced.
+    Nothing is fsynced.
+
+    Raises
+    ------
+    OSError
+        If the link cannot be made (e.g. ``EXDEV``: another file system).
+    """
+    try:
+        os.link(received, target)
+    except FileExistsError:
+        target.unlink()
+        os.link(received, target)
+
+
+def sync_directory_chain(directory: Path, root: Path | None = None) -> None:
+    """Fsync ``directory``, and its parents up to ``root`` the first time they are met.
+
+    The entries made in ``directory`` survive a power loss, and so does its
+    own entry and those of each directory above it below ``root``
+    (exclusive), which this process fsyncs once each.
+
+    Raises
+    ------
+    OSError
+        If a directory cannot be opened or synced.
+    """
+    fsync_directory(directory)  # the new entries in it
     if root is None:
         return
-    child = target.parent
+    child = directory
     while child != root and child.is_relative_to(root) and child not in _durable_dirs:
         fsync_directory(child.parent)  # the entry of child, in case child is new
         if len(_durable_dirs) >= _DURABLE_DIRS_MAX:
