@@ -28,14 +28,15 @@ from service.db.models import Delivery
 from service.db.session import check_connection, make_engine, make_session_factory, utcnow
 from service.delivery.dispatch import Dispatcher
 from service.dicom import spool
-from service.errors import ConfigError
+from service.errors import ConfigError, InvalidInstanceError
 from service.metrics import NodeMetrics
 from service.queue import broker_probe, describe_broker, make_celery
 from service.retention import purge_due
 from service.scheduler import Loop, Router, complete_and_route, publish_pending, sweep_jobs
 from service.scp import receive, wakeups
 from service.scp.associations import AssociationRecorder
-from service.scp.handlers import StoreContext
+from service.scp.durability import StoredMark, row_flusher_for
+from service.scp.handlers import StoreContext, read_stored_file
 from service.scp.pool import effective_processes, start_scp_pool
 from service.scp.server import Scp, start_scp
 
@@ -82,7 +83,7 @@ def remove_interrupted_writes(*folders: Path) -> int:
 
 
 def recover_incoming(spool_dir: Path, session_factory: sessionmaker[Session]) -> int:
-    """Rename back into the spool each acknowledged instance a crash left in ``.incoming``.
+    """Put back into the spool and the database each instance a crash left in ``.incoming``.
 
     The SCP receives each data set into a file made ahead in
     ``<spool>/.incoming`` (:mod:`service.scp.receive`), whose name is on disk
@@ -92,9 +93,17 @@ def recover_incoming(spool_dir: Path, session_factory: sessionmaker[Session]) ->
     loss the file can be back under its ``receiving-*`` name. Such a file is
     the instance of a row whose file is missing: same SOP Instance UID (its
     File Meta), same size, series not purged. It is renamed to the row's
-    path, the directories fsynced. Every other file there was never
-    acknowledged (cut off, refused, a duplicate, or made ahead and never
-    used) and is deleted.
+    path, the directories fsynced.
+
+    A file marked as stored (:mod:`service.scp.durability`: its row was
+    committed without a flush of its own, and the file keeps its received
+    name until a batch flush) whose row is missing is recorded again from
+    its data set and its mark, and linked at its spool path; one whose row
+    is there loses its received name (the spool name stays), or is put back
+    as above. A marked file that cannot be read back is kept, renamed
+    ``unrecoverable-*``, and the log says so. Every other file there was
+    never acknowledged (cut off, refused, a duplicate, or made ahead and
+    never used) and is deleted.
 
     Parameters
     ----------
@@ -106,7 +115,13 @@ def recover_incoming(spool_dir: Path, session_factory: sessionmaker[Session]) ->
     Returns
     -------
     int
-        How many instances were renamed back.
+        How many instances were put back (renamed back, or recorded again).
+
+    Raises
+    ------
+    OSError, sqlalchemy.exc.SQLAlchemyError
+        If a file cannot be moved or a row recorded: the start stops, and
+        nothing was deleted that a later start would need.
     """
     incoming = spool_dir / ".incoming"
     if not incoming.is_dir():
@@ -119,8 +134,19 @@ def recover_incoming(spool_dir: Path, session_factory: sessionmaker[Session]) ->
         except FileNotFoundError:
             continue
         found.append((status.st_mtime_ns, status.st_size, path))
+    root = spool_dir.resolve()
     with session_factory() as session:
         for _mtime, size, path in sorted(found):
+            mark = spool.stored_mark(path) if size else None
+            if mark is not None:
+                recorded, placed = _recover_marked(path, size, mark, root, session)
+                recovered += recorded
+                if placed is None:
+                    continue  # recorded again, or kept aside
+                if placed.exists() and os.path.samefile(path, placed):
+                    spool.sync_directory_chain(placed.parent, root)  # then the spare name goes
+                    path.unlink()
+                    continue
             target = _recovery_target(path, size, spool_dir, session) if size else None
             if target is not None:  # an OSError here stops the start: nothing is deleted
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +161,48 @@ def recover_incoming(spool_dir: Path, session_factory: sessionmaker[Session]) ->
         log.warning("removed %d received file(s) that were never acknowledged (cut off by a "
                     "stop or crash, or refused)", partial)
     return recovered
+
+
+def _recover_marked(path: Path, size: int, raw_mark: bytes, root: Path,
+                    session: Session) -> tuple[int, Path | None]:
+    """A marked ``receiving-*`` file: recorded again if its row is missing.
+
+    Returns how many instances it recorded again (0 or 1) and None once the
+    file is dealt with (recorded again and linked at its spool path, or kept
+    aside as unreadable), or else the spool path of its row, which exists.
+    """
+    try:
+        mark = StoredMark.decode(raw_mark)
+        stored = read_stored_file(path)
+    except (ValueError, InvalidInstanceError) as exc:
+        kept = path.with_name("unrecoverable-" + path.name.removeprefix("receiving-"))
+        path.rename(kept)
+        log.error("a received file marked as stored cannot be read back (%s); kept as %s",
+                  exc, kept.name)
+        return 0, None
+    row = repository.stored_instance(stored.sop_instance_uid, session=session)
+    if row is not None:
+        return 0, root / row.path
+    relative = spool.relative_path(stored.study_uid, stored.series_uid,
+                                   stored.sop_instance_uid)
+    target = root / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not (target.exists() and os.path.samefile(path, target)):
+        spool.link_into_place(path, target)
+    repository.record_instance(
+        session=session, study_instance_uid=stored.study_uid,
+        series_instance_uid=stored.series_uid, sop_instance_uid=stored.sop_instance_uid,
+        sop_class_uid=stored.sop_class_uid, transfer_syntax_uid=stored.transfer_syntax_uid,
+        modality=stored.modality, path=relative, size_bytes=size,
+        calling_ae_title=mark.calling_ae_title, called_ae_title=mark.called_ae_title,
+        peer_address=mark.peer_address, received_at=mark.received_at,
+        expected_count=stored.expected_count)
+    session.commit()
+    spool.sync_directory_chain(target.parent, root)
+    path.unlink()
+    log.warning("recorded %s (series %s) again from its file: a power cut lost its row",
+                stored.sop_instance_uid, stored.series_uid)
+    return 1, None
 
 
 def _recovery_target(path: Path, size: int, spool_dir: Path,
@@ -427,7 +495,11 @@ class Node:
             self.store_context = StoreContext(s.spool_dir.resolve(), factory,
                                               min_free_bytes=s.storage.min_free_mb << 20,
                                               associations=AssociationRecorder(factory,
-                                                                               self.metrics))
+                                                                               self.metrics),
+                                              row_flusher=row_flusher_for(
+                                                  engine, s.spool_dir,
+                                                  s.storage.batched_row_flush,
+                                                  s.storage.row_flush_interval_ms))
             self._server = start_scp(s.dicom, self.store_context)
             self._incoming = receive.install(incoming)  # files made ahead of the data sets
             wakeups.install()  # association threads wait for work instead of polling

@@ -3,9 +3,10 @@
 The C-STORE handler never decodes pixels and never runs a model. pynetdicom
 writes each data set to a temporary file as its fragments arrive (chunked
 receive: a large object never sits in memory whole); the handler checks its
-structure, reads the few attributes it needs, moves the file (the peer's
+structure, reads the few attributes it needs, puts the file (the peer's
 encoded bytes with a File Meta header) durably into the spool, records the
-instance, and only then answers Success. Anything that prevents that answers
+instance (:mod:`service.scp.durability`: with one flush of the disk where it
+can), and only then answers Success. Anything that prevents that answers
 a failure status with an Error Comment, logs the reason with UIDs and AE
 titles only, and leaves no partial file and no row behind.
 """
@@ -28,12 +29,13 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 from pynetdicom import evt
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import repository
 from service.db.ingest import IngestWriter
-from service.db.session import utcnow
+from service.db.session import make_engine, utcnow
 from service.delivery.commitment import CommitmentReport
 from service.dicom import spool
 from service.dicom.inspect import check_complete_and_collect, dataset_offset
@@ -41,6 +43,7 @@ from service.dicom.uids import printable, require_uid
 from service.errors import InvalidInstanceError
 from service.scp import receive
 from service.scp.associations import AssociationRecorder
+from service.scp.durability import RowFlusher, StoredMark
 from service.scp.policy import reason_of
 
 log = logging.getLogger("radnode.scp")
@@ -148,19 +151,36 @@ class StoreContext:
     associations: AssociationRecorder | None = None
     #: Warns of stores slower than :data:`SLOW_STORE_S`.
     slow_stores: SlowStores = field(default_factory=SlowStores)
+    #: Flushes the rows of marked instances in batches (SQLite, and a spool with
+    #: extended attributes; :mod:`service.scp.durability`); None: each row's commit
+    #: is flushed before Success.
+    row_flusher: RowFlusher | None = None
     _ingest_writer: IngestWriter | None = field(default=None, repr=False, compare=False)
 
     def ingest_writer(self) -> IngestWriter:
-        """The C-STORE path's database writer, on the session factory's engine."""
+        """The C-STORE path's database writer.
+
+        On the session factory's engine; with a :attr:`row_flusher`, on an
+        engine of its own whose commits do not flush (SQLite
+        ``synchronous=NORMAL``): the flusher does.
+        """
         writer = self._ingest_writer
         if writer is None:
-            writer = self._ingest_writer = IngestWriter(self.session_factory.kw["bind"])
+            engine: Engine = self.session_factory.kw["bind"]
+            if self.row_flusher is not None:
+                engine = make_engine(engine.url.render_as_string(hide_password=False),
+                                     synchronous="NORMAL")
+            writer = self._ingest_writer = IngestWriter(engine)
         return writer
 
     def close(self) -> None:
-        """Return the database connections the C-STORE path kept (:class:`IngestWriter`)."""
+        """Flush the rows not yet flushed; return the C-STORE path's database connections."""
+        if self.row_flusher is not None:
+            self.row_flusher.close()
         if self._ingest_writer is not None:
             self._ingest_writer.close()
+            if self.row_flusher is not None:
+                self._ingest_writer.engine.dispose()
 
     def has_room_for(self, size: int) -> bool:
         """True if ``size`` more bytes leave at least the reserve free; logs transitions."""
@@ -323,7 +343,8 @@ def _store(event: evt.Event, context: StoreContext) -> tuple[int | Dataset, _Fie
     relative = spool.relative_path(fields.study_uid, fields.series_uid, sop_instance_uid)
     target = context.spool_dir / relative
     temporary: Path | None = None
-    in_place = False
+    in_place = linked = False
+    flusher = context.row_flusher
     try:
         with context.ingest_writer().transaction() as transaction:
             size = fields.size_bytes
@@ -335,9 +356,16 @@ def _store(event: evt.Event, context: StoreContext) -> tuple[int | Dataset, _Fie
                              sop_instance_uid, calling_ae)
                     return SUCCESS, fields
                 return _status(OUT_OF_RESOURCES, "spool below its free-space reserve"), fields
+            received_at = utcnow()
+            called_ae = printable(_called_ae(event), 16)[:16]
+            peer_address = printable(str(event.assoc.requestor.address), 64)[:64]
+            # A file made ahead and marked as stored is its own record until the row is
+            # flushed (service.scp.durability): its fsync below is the only flush waited on.
+            marked = durably_named and flusher is not None and flusher.mark(
+                received, StoredMark(received_at, calling_ae[:16], called_ae, peer_address))
             # A duplicate is found by the insert below: no query before it, since
             # duplicates are rare and every statement costs CPU on every instance.
-            temporary = spool.adopt(received, target)
+            temporary = spool.adopt(received, target, attributes=marked)
             # A file made ahead is durable under its own name once fsynced: after a
             # power loss that undoes the rename below, recovery finds it by that name.
             renamed_on_recovery = durably_named and temporary == received
@@ -351,28 +379,47 @@ def _store(event: evt.Event, context: StoreContext) -> tuple[int | Dataset, _Fie
                 path=relative,
                 size_bytes=size,
                 calling_ae_title=calling_ae[:16],
-                called_ae_title=printable(_called_ae(event), 16)[:16],
-                peer_address=printable(str(event.assoc.requestor.address), 64)[:64],
-                received_at=utcnow(),
+                called_ae_title=called_ae,
+                peer_address=peer_address,
+                received_at=received_at,
                 expected_count=fields.expected_count,
             )
             if new:
                 # The row is inserted but not committed: a concurrent store of the
                 # same SOP Instance UID waits on it, so this rename cannot race.
                 in_place = True
-                spool.move_into_place(temporary, target, root=context.spool_dir,
-                                      sync_directories=not renamed_on_recovery)
-                temporary = None  # renamed: nothing left to delete
+                if marked and temporary == received:
+                    spool.link_into_place(received, target)  # the flusher removes the first name
+                    linked = True
+                else:
+                    spool.move_into_place(temporary, target, root=context.spool_dir,
+                                          sync_directories=not renamed_on_recovery)
+                temporary = None  # renamed or linked: nothing left to delete
             transaction.commit()
     except (OSError, SQLAlchemyError) as exc:
         if in_place:
             target.unlink(missing_ok=True)  # renamed but not recorded: never acknowledged
+        if linked:
+            received.unlink(missing_ok=True)
         reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
         log.error("cannot store %s from AE %s: %s", sop_instance_uid, calling_ae, reason)
         return _status(OUT_OF_RESOURCES, "cannot write or record the instance"), fields
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)  # a duplicate, or not renamed: not kept
+    if flusher is not None and new:
+        if linked:
+            # pynetdicom deletes the received file's name once the handler returns; this
+            # name must stay until the flusher's batch, so the file is no longer its.
+            _keep_received_name(request)
+            flusher.stored(received, target.parent)
+        else:
+            try:  # a row without a marked file: flushed before Success
+                flusher.flush_rows()
+            except OSError as exc:  # committed, maybe not durable: the sender sends again
+                log.error("cannot flush the row of %s from AE %s: %s", sop_instance_uid,
+                          calling_ae, exc.strerror)
+                return _status(OUT_OF_RESOURCES, "cannot record the instance durably"), fields
     context.touch(event, fields.series_uid)
     if not new:
         log.info("duplicate SOP Instance UID %s from AE %s: kept the first copy",
@@ -381,6 +428,19 @@ def _store(event: evt.Event, context: StoreContext) -> tuple[int | Dataset, _Fie
         log.debug("stored %s (series %s) from AE %s", sop_instance_uid, fields.series_uid,
                   calling_ae)
     return SUCCESS, fields
+
+
+def _keep_received_name(request: Any) -> None:
+    """Close the received data set's file and take it from the C-STORE primitive.
+
+    pynetdicom (3.0), and :mod:`service.scp.inline` as it does, close and
+    delete ``request._dataset_file`` after the ``EVT_C_STORE`` handler;
+    without it they leave the file and its name alone.
+    """
+    handle = getattr(request, "_dataset_file", None)
+    if handle is not None:
+        handle.close()
+        request._dataset_file = None
 
 
 def _called_ae(event: evt.Event) -> str:
@@ -475,6 +535,45 @@ def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
             "SOP Class UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS)
     return _Fields(sop_instance_uid, sop_class_uid, study_uid, series_uid, modality, expected,
                    size)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """What a stored instance's row takes from its file (:func:`read_stored_file`)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    expected_count: int | None
+    transfer_syntax_uid: str
+
+
+def read_stored_file(path: Path) -> StoredFile:
+    """Read back the attributes the SCP recorded for a Part 10 file it stored.
+
+    The recovery of an instance whose row a power cut lost
+    (:func:`service.node.recover_incoming`): the same attributes, read by
+    pydicom, as :func:`store_instance` recorded; the SOP Instance and Class
+    UID from the data set, else the File Meta (DICOM PS3.10 7.1).
+
+    Raises
+    ------
+    service.errors.InvalidInstanceError
+        If it cannot be parsed or lacks a valid UID the row needs.
+    """
+    dataset = _parse(lambda: dcmread(path, stop_before_pixels=True,
+                                     specific_tags=list(_TAGS)))
+    study_uid, series_uid, sop_instance, sop_class, modality, expected = (
+        _dataset_values(dataset))
+    meta = dataset.file_meta
+    sop_instance = require_uid(sop_instance or meta.get("MediaStorageSOPInstanceUID"),
+                               "SOP Instance UID")
+    sop_class = require_uid(sop_class or meta.get("MediaStorageSOPClassUID"), "SOP Class UID")
+    transfer_syntax = require_uid(meta.get("TransferSyntaxUID"), "Transfer Syntax UID")
+    return StoredFile(sop_instance, sop_class, study_uid, series_uid, modality, expected,
+                      transfer_syntax)
 
 
 #: Study and Series Instance UID, the data set's SOP Instance and Class UID (None if

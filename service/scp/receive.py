@@ -24,11 +24,11 @@ for the process:
   byte for byte (the unit tests compare them with pydicom's output) without
   building a data set. Anything else handed to them goes to pydicom.
 
-Nothing about durability changes: the C-STORE handler still fsyncs the file,
-renames it into the spool, fsyncs the directory and commits the row before
-it answers Success. An unused ready file is empty; :func:`uninstall` deletes
-them, and :func:`service.node.remove_interrupted_writes` deletes any that a
-crash left behind.
+Nothing about durability changes: the C-STORE handler still fsyncs the file
+before it answers Success, and its name, fsynced before use, is what a
+recovery after a power cut finds it by (:mod:`service.scp.durability`). An
+unused ready file is empty; :func:`uninstall` deletes them, and
+:func:`service.node.recover_incoming` deletes any that a crash left behind.
 """
 
 from __future__ import annotations
