@@ -234,11 +234,7 @@ def test_disk_reserve_refuses_with_a700(tmp_path: Path, ct_series_dir: Path) -> 
     assert sent.returncode != 0
     assert "Refused: OutOfResources" in sent.stdout + sent.stderr  # 0xA700
     assert echo.returncode == 0  # the node is still up
-    db = sqlite3.connect(database)  # read-write: a WAL database wants its -shm file
-    try:
-        assert db.execute("select count(*) from instances").fetchall() == [(0,)]
-    finally:
-        db.close()
+    assert query(node.folder, "select count(*) from instances") == [(0,)]
     assert not list((node.folder / "spool").rglob("*.dcm"))
     assert "below the reserve" in node.log.read_text()
 
