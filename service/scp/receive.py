@@ -179,6 +179,11 @@ class IncomingFiles:
     depth : int
         How many files are kept ready. An association uses one per C-STORE,
         and the thread makes the next while the peer sends.
+    refill_at : int, optional
+        The thread makes files again once this many or fewer are ready
+        (``depth // 2`` if not given), as many as there is room for, with
+        one fsync of ``directory`` for all of them: a flush of the disk per
+        ``depth - refill_at`` files, not per file, beside the C-STORE's own.
 
     Notes
     -----
@@ -189,9 +194,13 @@ class IncomingFiles:
     renames one into the spool, it is no instance.
     """
 
-    def __init__(self, directory: Path, depth: int = 4) -> None:
+    def __init__(self, directory: Path, depth: int = 16, refill_at: int | None = None) -> None:
         self.directory = directory
         self._depth = max(1, depth)
+        self._refill_at = min(self._depth - 1, self._depth // 2 if refill_at is None
+                              else max(0, refill_at))
+        #: Notified when the ready files fall to ``refill_at`` (and on stop).
+        self._low = threading.Condition()
         self._ready: queue.Queue[IO[bytes]] = queue.Queue(maxsize=self._depth)
         self._lock = threading.Lock()
         #: Names of files made ahead whose directory entry is on disk (fsynced).
@@ -246,6 +255,9 @@ class IncomingFiles:
                             self.named_durably(Path(left.name))
                             _discard(left)
                         return
+            with self._low:
+                while self._ready.qsize() > self._refill_at and not self._stop.is_set():
+                    self._low.wait()
 
     def _put(self, handle: IO[bytes]) -> bool:
         try:
@@ -265,6 +277,8 @@ class IncomingFiles:
     def stop(self) -> None:
         """Stop making files and delete the unused ones."""
         self._stop.set()
+        with self._low:
+            self._low.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
         while True:
@@ -298,6 +312,9 @@ class IncomingFiles:
             except queue.Empty:
                 self.made_on_the_spot += 1
                 return self._make()
+            if self._ready.qsize() <= self._refill_at:
+                with self._low:
+                    self._low.notify()
             self.handed += 1
             return handle
         return _MAKE_FILE(*args, **kwargs)
@@ -324,7 +341,7 @@ _active: IncomingFiles | None = None
 _lock = threading.Lock()
 
 
-def install(directory: Path, depth: int = 4) -> IncomingFiles:
+def install(directory: Path, depth: int = 16) -> IncomingFiles:
     """Have pynetdicom receive into files made ahead in ``directory``, File Meta written directly.
 
     Process-wide, as pynetdicom's receive is (and ``tempfile.tempdir``): a

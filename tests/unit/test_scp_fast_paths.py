@@ -196,11 +196,39 @@ def test_ready_files_are_handed_out_and_unused_ones_deleted(tmp_path: Path) -> N
         other = files(mode="w+b", dir=tmp_path)  # another caller: tempfile's own
         other.close()
         assert files.handed == 1 and Path(other.name).parent == tmp_path
+        time.sleep(0.1)
+        assert files.ready == 2  # refilled only at 1 (3 // 2) or fewer
+        second = files(delete=False, mode="wb", suffix=".dcm")
+        second.close()
         _wait_for(lambda: files.ready == 3)  # refilled
     finally:
         files.stop()
-    assert sorted((tmp_path / "incoming").iterdir()) == [Path(handle.name)]
+    assert sorted((tmp_path / "incoming").iterdir()) == sorted([Path(handle.name),
+                                                                Path(second.name)])
     assert Path(handle.name).read_bytes() == b"data"
+
+
+def test_files_are_made_in_batches_with_one_directory_fsync_each(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real_fsync = spool.fsync_directory
+
+    def recording(path: Path) -> None:
+        real_fsync(path)
+        synced.append(len(list(path.iterdir())))
+
+    monkeypatch.setattr(spool, "fsync_directory", recording)
+    files = receive.IncomingFiles(tmp_path / "incoming", depth=8).start()
+    try:
+        _wait_for(lambda: files.ready == 8)
+        assert synced == [8]  # all eight made, then one fsync
+        handed = [files(delete=False, mode="wb", suffix=".dcm") for _ in range(4)]
+        _wait_for(lambda: files.ready == 8)  # at 4 (8 // 2) ready: four more, one fsync
+        assert synced == [8, 12]
+    finally:
+        files.stop()
+        for handle in handed:
+            handle.close()
 
 
 def test_with_none_ready_a_file_is_made_on_the_spot(tmp_path: Path) -> None:
