@@ -187,6 +187,13 @@ class RowFlusher:
 
         Without extended attributes on the spool's file system (``ENOTSUP``)
         no later file is tried: the log says so once.
+
+        Parameters
+        ----------
+        received : pathlib.Path
+            The received file, made ahead in ``<spool>/.incoming``.
+        mark : StoredMark
+            What its row will hold beyond its data set.
         """
         if not self.marks:
             return False
@@ -201,7 +208,15 @@ class RowFlusher:
         return True
 
     def stored(self, received: Path, directory: Path) -> None:
-        """Say that a marked file was linked into ``directory`` and its row committed."""
+        """Say that a marked file was linked into ``directory`` and its row committed.
+
+        Parameters
+        ----------
+        received : pathlib.Path
+            Its received name, removed after the batch's flush.
+        directory : pathlib.Path
+            Its series directory in the spool, fsynced before the log.
+        """
         with self._wake:
             self._pending.append((received, directory))
             if len(self._pending) > 1:
@@ -253,7 +268,10 @@ class RowFlusher:
                 log.warning("flushing the spool's directories and the database log works again")
             self._failing = False
             for received, _ in batch:
-                received.unlink(missing_ok=True)
+                try:
+                    received.unlink(missing_ok=True)
+                except OSError:  # a spare name only: the next start removes it
+                    pass
             self.flushed += len(batch)
             return len(batch)
 
