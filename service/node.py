@@ -139,7 +139,7 @@ def recover_incoming(spool_dir: Path, session_factory: sessionmaker[Session]) ->
         for _mtime, size, path in sorted(found):
             mark = spool.stored_mark(path) if size else None
             if mark is not None:
-                recorded, placed = _recover_marked(path, size, mark, root, session)
+                recorded, placed = _recover_marked(path, mark, root, session)
                 recovered += recorded
                 if placed is None:
                     continue  # recorded again, or kept aside
@@ -163,7 +163,7 @@ def recover_incoming(spool_dir: Path, session_factory: sessionmaker[Session]) ->
     return recovered
 
 
-def _recover_marked(path: Path, size: int, raw_mark: bytes, root: Path,
+def _recover_marked(path: Path, raw_mark: bytes, root: Path,
                     session: Session) -> tuple[int, Path | None]:
     """A marked ``receiving-*`` file: recorded again if its row is missing.
 
@@ -173,7 +173,7 @@ def _recover_marked(path: Path, size: int, raw_mark: bytes, root: Path,
     """
     try:
         mark = StoredMark.decode(raw_mark)
-        stored = read_stored_file(path)
+        stored, transfer_syntax_uid = read_stored_file(path)
     except (ValueError, InvalidInstanceError) as exc:
         kept = path.with_name("unrecoverable-" + path.name.removeprefix("receiving-"))
         path.rename(kept)
@@ -192,8 +192,8 @@ def _recover_marked(path: Path, size: int, raw_mark: bytes, root: Path,
     repository.record_instance(
         session=session, study_instance_uid=stored.study_uid,
         series_instance_uid=stored.series_uid, sop_instance_uid=stored.sop_instance_uid,
-        sop_class_uid=stored.sop_class_uid, transfer_syntax_uid=stored.transfer_syntax_uid,
-        modality=stored.modality, path=relative, size_bytes=size,
+        sop_class_uid=stored.sop_class_uid, transfer_syntax_uid=transfer_syntax_uid,
+        modality=stored.modality, path=relative, size_bytes=stored.size_bytes,
         calling_ae_title=mark.calling_ae_title, called_ae_title=mark.called_ae_title,
         peer_address=mark.peer_address, received_at=mark.received_at,
         expected_count=stored.expected_count)

@@ -327,7 +327,7 @@ def store_instance(event: evt.Event, context: StoreContext) -> int | Dataset:
     return _store(event, context)[0]
 
 
-def _store(event: evt.Event, context: StoreContext) -> tuple[int | Dataset, _Fields | None]:
+def _store(event: evt.Event, context: StoreContext) -> tuple[int | Dataset, InstanceFields | None]:
     """:func:`store_instance`, and the attributes read (None if the data set was refused)."""
     calling_ae = printable(event.assoc.requestor.ae_title, 16)
     request: Any = event.request  # a C_STORE primitive for EVT_C_STORE
@@ -450,14 +450,28 @@ def _called_ae(event: evt.Event) -> str:
 
 
 @dataclass(frozen=True)
-class _Fields:
+class InstanceFields:
+    """The attributes of a received instance that its row records.
+
+    Attributes
+    ----------
+    sop_instance_uid, sop_class_uid, study_uid, series_uid : str
+        Its UIDs, validated (DICOM PS3.5 9.1).
+    modality : str
+        Modality (0008,0060), at most 16 characters; '' if absent.
+    expected_count : int or None
+        Images in Acquisition (0020,1002), if present and positive.
+    size_bytes : int
+        Size of its file, File Meta included, bytes.
+    """
+
     sop_instance_uid: str
     sop_class_uid: str
     study_uid: str
     series_uid: str
     modality: str
     expected_count: int | None
-    size_bytes: int  # of the received file, File Meta included
+    size_bytes: int
 
 
 def _uid_element(dataset: Dataset, keyword: str, what: str) -> str:
@@ -493,7 +507,7 @@ def _parse(read: Callable[[], Dataset]) -> Dataset:
         raise _unparseable(exc) from exc
 
 
-def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
+def _read_fields(event: evt.Event, request: Any, received: Path) -> InstanceFields:
     """Validate the request and the few attributes the node needs; raise if unusable."""
     sop_instance_uid = require_uid(request.AffectedSOPInstanceUID, "SOP Instance UID")
     sop_class_uid = require_uid(request.AffectedSOPClassUID, "SOP Class UID")
@@ -533,30 +547,22 @@ def _read_fields(event: evt.Event, request: Any, received: Path) -> _Fields:
     if ds_sop_class is not None and ds_sop_class != sop_class_uid:
         raise InvalidInstanceError(
             "SOP Class UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS)
-    return _Fields(sop_instance_uid, sop_class_uid, study_uid, series_uid, modality, expected,
-                   size)
+    return InstanceFields(sop_instance_uid, sop_class_uid, study_uid, series_uid, modality,
+                          expected, size)
 
 
-@dataclass(frozen=True)
-class StoredFile:
-    """What a stored instance's row takes from its file (:func:`read_stored_file`)."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_uid: str
-    series_uid: str
-    modality: str
-    expected_count: int | None
-    transfer_syntax_uid: str
-
-
-def read_stored_file(path: Path) -> StoredFile:
+def read_stored_file(path: Path) -> tuple[InstanceFields, str]:
     """Read back the attributes the SCP recorded for a Part 10 file it stored.
 
     The recovery of an instance whose row a power cut lost
     (:func:`service.node.recover_incoming`): the same attributes, read by
     pydicom, as :func:`store_instance` recorded; the SOP Instance and Class
     UID from the data set, else the File Meta (DICOM PS3.10 7.1).
+
+    Returns
+    -------
+    tuple of (InstanceFields, str)
+        The attributes, and the Transfer Syntax UID of its File Meta.
 
     Raises
     ------
@@ -572,8 +578,9 @@ def read_stored_file(path: Path) -> StoredFile:
                                "SOP Instance UID")
     sop_class = require_uid(sop_class or meta.get("MediaStorageSOPClassUID"), "SOP Class UID")
     transfer_syntax = require_uid(meta.get("TransferSyntaxUID"), "Transfer Syntax UID")
-    return StoredFile(sop_instance, sop_class, study_uid, series_uid, modality, expected,
-                      transfer_syntax)
+    fields = InstanceFields(sop_instance, sop_class, study_uid, series_uid, modality, expected,
+                            path.stat().st_size)
+    return fields, transfer_syntax
 
 
 #: Study and Series Instance UID, the data set's SOP Instance and Class UID (None if
