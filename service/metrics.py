@@ -63,7 +63,7 @@ DURATION_BUCKETS: tuple[float, ...] = (
 )
 
 #: Upper bounds (seconds) of ``radnode_cstore_store_seconds``: from half a millisecond
-#: (two flushes on a disk with a fast cache) to five seconds (a disk that stalls).
+#: (a flush on a disk with a fast cache) to five seconds (a disk that stalls).
 STORE_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 )

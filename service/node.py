@@ -34,8 +34,7 @@ from service.queue import broker_probe, describe_broker, make_celery
 from service.retention import purge_due
 from service.scheduler import Loop, Router, complete_and_route, publish_pending, sweep_jobs
 from service.scp import receive, wakeups
-from service.scp.associations import AssociationRecorder
-from service.scp.durability import StoredMark, row_flusher_for
+from service.scp.durability import StoredMark
 from service.scp.handlers import StoreContext, read_stored_file
 from service.scp.pool import effective_processes, start_scp_pool
 from service.scp.server import Scp, start_scp
@@ -492,14 +491,7 @@ class Node:
             dump_settings(s, config_path)
             self._server = start_scp_pool(s.dicom, config_path, processes, self.metrics)
         else:
-            self.store_context = StoreContext(s.spool_dir.resolve(), factory,
-                                              min_free_bytes=s.storage.min_free_mb << 20,
-                                              associations=AssociationRecorder(factory,
-                                                                               self.metrics),
-                                              row_flusher=row_flusher_for(
-                                                  engine, s.spool_dir,
-                                                  s.storage.batched_row_flush,
-                                                  s.storage.row_flush_interval_ms))
+            self.store_context = StoreContext.for_node(s, factory, self.metrics)
             self._server = start_scp(s.dicom, self.store_context)
             self._incoming = receive.install(incoming)  # files made ahead of the data sets
             wakeups.install()  # association threads wait for work instead of polling

@@ -33,6 +33,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.config import Settings
 from service.db import repository
 from service.db.ingest import IngestWriter
 from service.db.session import make_engine, utcnow
@@ -42,8 +43,8 @@ from service.dicom.inspect import check_complete_and_collect, dataset_offset
 from service.dicom.uids import printable, require_uid
 from service.errors import InvalidInstanceError
 from service.scp import receive
-from service.scp.associations import AssociationRecorder
-from service.scp.durability import RowFlusher, StoredMark
+from service.scp.associations import AssociationRecorder, Counters
+from service.scp.durability import RowFlusher, StoredMark, row_flusher_for
 from service.scp.policy import reason_of
 
 log = logging.getLogger("radnode.scp")
@@ -156,6 +157,23 @@ class StoreContext:
     #: is flushed before Success.
     row_flusher: RowFlusher | None = None
     _ingest_writer: IngestWriter | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def for_node(cls, settings: Settings, session_factory: sessionmaker[Session],
+                 counters: Counters) -> StoreContext:
+        """The context of the node's SCP (in its own process or an SCP process).
+
+        The spool and reserve of ``settings.storage``, associations recorded
+        and counted by ``counters``, and a :class:`RowFlusher` where one can
+        work (:func:`service.scp.durability.row_flusher_for`).
+        """
+        storage = settings.storage
+        return cls(settings.spool_dir.resolve(), session_factory,
+                   min_free_bytes=storage.min_free_mb << 20,
+                   associations=AssociationRecorder(session_factory, counters),
+                   row_flusher=row_flusher_for(session_factory.kw["bind"], settings.spool_dir,
+                                               storage.batched_row_flush,
+                                               storage.row_flush_interval_ms))
 
     def ingest_writer(self) -> IngestWriter:
         """The C-STORE path's database writer.

@@ -610,8 +610,6 @@ def run_child(settings: Settings, channel: socket.socket, index: int,
     """
     from service.db.session import make_engine, make_session_factory
     from service.scp import receive, wakeups
-    from service.scp.associations import AssociationRecorder
-    from service.scp.durability import row_flusher_for
     from service.scp.handlers import StoreContext
     from service.scp.server import scp_handlers
 
@@ -622,12 +620,7 @@ def run_child(settings: Settings, channel: socket.socket, index: int,
                          pool_timeout_s=settings.database.pool_timeout_s)
     factory = make_session_factory(engine)
     counters = ParentCounters(channel)
-    context = StoreContext(settings.spool_dir.resolve(), factory,
-                           min_free_bytes=settings.storage.min_free_mb << 20,
-                           associations=AssociationRecorder(factory, counters),
-                           row_flusher=row_flusher_for(engine, settings.spool_dir,
-                                                       settings.storage.batched_row_flush,
-                                                       settings.storage.row_flush_interval_ms))
+    context = StoreContext.for_node(settings, factory, counters)
     d = settings.dicom
     ae = build_ae(d)  # maximum_associations: the policy checks it node-wide
     policy = AssociationPolicy(d)
