@@ -89,6 +89,8 @@ class QuickAckSocket:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        #: Bytes handed back by :meth:`unread`, returned before the socket's.
+        self._unread = b""
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         """``socket.recv`` after re-arming ``TCP_QUICKACK``."""
@@ -126,6 +128,10 @@ class QuickAckSocket:
         """
         pieces: list[bytes] = []
         missing = nr_bytes
+        if self._unread:
+            first, self._unread = self._unread[:nr_bytes], self._unread[nr_bytes:]
+            pieces.append(first)
+            missing -= len(first)
         while missing > 0:
             piece = self.recv(min(missing, MAX_READ))
             if not piece:
@@ -133,6 +139,54 @@ class QuickAckSocket:
             pieces.append(piece)
             missing -= len(piece)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def read_into(self, buffer: memoryview) -> int:
+        """Fill ``buffer`` from the socket, as :meth:`read_exactly` reads, with no copy.
+
+        Each read asks for all that is still missing, up to :data:`MAX_READ`
+        bytes, after re-arming ``TCP_QUICKACK``. Bytes handed back by
+        :meth:`unread` come first.
+
+        Parameters
+        ----------
+        buffer : memoryview
+            Writable, of bytes; its length is how many bytes are wanted.
+
+        Returns
+        -------
+        int
+            How many bytes were read: ``len(buffer)``, or fewer if the peer
+            closed the connection first.
+
+        Raises
+        ------
+        OSError
+            If the socket fails or times out (``TimeoutError``), as a read does.
+        """
+        got = 0
+        if self._unread:
+            first, self._unread = self._unread[:len(buffer)], self._unread[len(buffer):]
+            buffer[:len(first)] = first
+            got = len(first)
+        sock = self._sock
+        while got < len(buffer):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                pass  # closing: the read reports it
+            n = sock.recv_into(buffer[got:], min(len(buffer) - got, MAX_READ))
+            if not n:
+                break  # the peer closed the connection
+            got += n
+        return got
+
+    def unread(self, data: bytes) -> None:
+        """Hand ``data`` back: the next :meth:`read_exactly` or :meth:`read_into` returns it first.
+
+        For a reader that looked at a PDU's header and leaves the PDU to
+        pynetdicom (:mod:`service.scp.pdata`).
+        """
+        self._unread = data + self._unread
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._sock, name)

@@ -85,6 +85,7 @@ from service.scp.handlers import (
     handle_store,
 )
 from service.scp.inline import serve_stores_inline
+from service.scp.pdata import read_pdata_directly
 from service.scp.policy import PEER_CONNECTIONS, TLS_HANDSHAKE, AssociationPolicy
 from service.scp.responses import answer_successes_directly
 from service.scp.wakeups import release_waits, wake_on_events
@@ -441,6 +442,7 @@ def scp_handlers(context: StoreContext, policy: AssociationPolicy) -> list[Any]:
     """
     return [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_CONN_OPEN, read_pdata_directly),  # after set_tcp_nodelay: its socket
         (evt.EVT_CONN_OPEN, wake_on_events),
         (evt.EVT_CONN_OPEN, serve_stores_inline),  # after wake_on_events: keeps its wake-up
         (evt.EVT_CONN_OPEN, read_store_commands),

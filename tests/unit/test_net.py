@@ -65,6 +65,15 @@ class _Pieces(_RecordingSocket):
         assert len(piece) <= bufsize
         return piece
 
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, flags: int = 0) -> int:
+        self.calls.append(("recv_into", len(buffer), nbytes))
+        if not self.pieces:
+            return 0
+        piece = self.pieces.pop(0)
+        assert len(piece) <= min(nbytes, len(buffer))
+        buffer[:len(piece)] = piece
+        return len(piece)
+
 
 def test_read_exactly_asks_for_all_that_is_missing_with_quickack_each_time() -> None:
     raw = _Pieces(b"a" * 5000, b"b" * 3000, b"c" * 2000)
@@ -86,6 +95,38 @@ def test_read_exactly_never_asks_for_more_than_max_read() -> None:
     raw = _Pieces(b"y" * 100)
     assert QuickAckSocket(raw).read_exactly(1 << 32) == b"y" * 100  # type: ignore[arg-type]
     assert [c[1] for c in raw.calls if c[0] == "recv"] == [MAX_READ, MAX_READ]
+
+
+def test_read_into_fills_the_buffer_with_quickack_before_each_read() -> None:
+    raw = _Pieces(b"a" * 5000, b"b" * 3000, b"c" * 2000)
+    buffer = bytearray(10_000)
+    assert QuickAckSocket(raw).read_into(memoryview(buffer)) == 10_000  # type: ignore[arg-type]
+    assert buffer == b"a" * 5000 + b"b" * 3000 + b"c" * 2000
+    quickack = ("setsockopt", socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    assert raw.calls == [quickack, ("recv_into", 10_000, 10_000), quickack,
+                         ("recv_into", 5000, 5000), quickack, ("recv_into", 2000, 2000)]
+
+
+def test_read_into_stops_when_the_peer_closes_and_never_asks_for_more_than_max_read() -> None:
+    raw = _Pieces(b"z" * 10)
+    buffer = bytearray(MAX_READ + 100)
+    assert QuickAckSocket(raw).read_into(memoryview(buffer)) == 10  # type: ignore[arg-type]
+    assert [c[2] for c in raw.calls if c[0] == "recv_into"] == [MAX_READ, MAX_READ]
+
+
+def test_unread_bytes_come_first_then_the_socket() -> None:
+    raw = _Pieces(b"EF", b"GHI", b"KLM")
+    quick = QuickAckSocket(raw)  # type: ignore[arg-type]
+    quick.unread(b"CD")
+    quick.unread(b"AB")  # handed back last: read first
+    assert quick.read_exactly(1) == b"A"
+    assert quick.read_exactly(5) == b"BCDEF"  # the rest handed back, then a read for 2
+    assert quick.read_exactly(3) == b"GHI"
+    quick.unread(b"J")
+    buffer = bytearray(4)
+    assert quick.read_into(memoryview(buffer)) == 4 and buffer == b"JKLM"
+    assert [c for c in raw.calls if c[0] != "setsockopt"] == [
+        ("recv", 2, 0), ("recv", 3, 0), ("recv_into", 3, 3)]
 
 
 @pytest.fixture
