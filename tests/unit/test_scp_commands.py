@@ -9,7 +9,6 @@ attributes and the received file, byte for byte.
 from __future__ import annotations
 
 import queue
-import socket
 import struct
 from io import BytesIO
 from pathlib import Path
@@ -25,13 +24,9 @@ from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import build_context
 
-from service.config import DicomSettings
-from service.db import migrate
-from service.db.session import make_engine, make_session_factory
 from service.scp import commands
-from service.scp.handlers import StoreContext
-from service.scp.server import start_scp
 from tests.unit.dicom_factory import make_ct_dataset
+from tests.unit.scp_server import associated
 
 SOP_UID = "1.2.826.0.1.3680043.8.498.1234567890123456789012345678901234567"
 
@@ -243,36 +238,12 @@ def test_an_invalid_request_is_refused_as_pynetdicom_refuses_it() -> None:
 # -- a real association ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_a_real_association_reads_its_store_requests_directly(
-        tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'radnode.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    port = _free_port()
-    server = start_scp(DicomSettings(ae_title="RADNODE", host="127.0.0.1", port=port),
-                       StoreContext(tmp_path / "spool", make_session_factory(engine)))
-    try:
-        scu = AE(ae_title="SENDER")
-        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = scu.associate("127.0.0.1", port, ae_title="RADNODE")
-        assert assoc.is_established
-        datasets = [make_ct_dataset(instance_number=n) for n in range(1, 6)]
-        try:
-            statuses = [assoc.send_c_store(ds).Status for ds in datasets]
-            served = [a for a in server.active_associations if a.is_established]
-            reader = served[0].dimse.receive_primitive
-        finally:
-            assoc.release()
-        assert statuses == [0x0000] * 5
-        assert isinstance(reader, commands.StoreRequests) and reader.read_directly == 5
-        stored = sorted(p.name for p in (tmp_path / "spool").rglob("*.dcm"))
-        assert stored == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in datasets)
-    finally:
-        server.shutdown()
-        engine.dispose()
+def test_a_real_association_reads_its_store_requests_directly(tmp_path: Path) -> None:
+    datasets = [make_ct_dataset(instance_number=n) for n in range(1, 6)]
+    with associated(tmp_path) as (assoc, served):
+        statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+        reader = served.dimse.receive_primitive
+    assert statuses == [0x0000] * 5
+    assert isinstance(reader, commands.StoreRequests) and reader.read_directly == 5
+    stored = sorted(p.name for p in (tmp_path / "spool").rglob("*.dcm"))
+    assert stored == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in datasets)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -24,14 +24,10 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from service.config import DicomSettings
-from service.db import migrate
-from service.db.session import make_engine, make_session_factory
 from service.dicom.net import QuickAckSocket
 from service.scp import pdata
-from service.scp.handlers import StoreContext
-from service.scp.server import start_scp
 from tests.unit.dicom_factory import make_ct_dataset
+from tests.unit.scp_server import associated
 
 SOP_UID = "1.2.826.0.1.3680043.8.498.1234567890123456789012345678901234567"
 
@@ -211,38 +207,15 @@ def test_split_pdvs() -> None:
 # -- a real association ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_a_real_association_reads_its_p_data_directly(tmp_path: Any) -> None:
-    url = f"sqlite:///{tmp_path / 'radnode.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    port = _free_port()
-    server = start_scp(DicomSettings(ae_title="RADNODE", host="127.0.0.1", port=port),
-                       StoreContext(tmp_path / "spool", make_session_factory(engine)))
-    try:
-        scu = AE(ae_title="SENDER")
-        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = scu.associate("127.0.0.1", port, ae_title="RADNODE")
-        assert assoc.is_established
-        datasets = [make_ct_dataset(instance_number=n, rows=512, columns=512, seed=n)
-                    for n in range(1, 4)]
-        try:
-            statuses = [assoc.send_c_store(ds).Status for ds in datasets]
-            served = [a for a in server.active_associations if a.is_established]
-            reader = vars(served[0].dul)["_read_pdu_data"]
-        finally:
-            assoc.release()
-        assert statuses == [0x0000] * 3
-        # 512 KiB of pixels each: two or more PDUs of the 256 KiB radnode announces.
-        assert isinstance(reader, pdata.PDataReader) and reader.read_directly >= 9
-        for ds in datasets:
-            stored = pydicom.dcmread(next((tmp_path / "spool").rglob(f"{ds.SOPInstanceUID}.dcm")))
-            assert stored.PixelData == ds.PixelData
-    finally:
-        server.shutdown()
-        engine.dispose()
+    datasets = [make_ct_dataset(instance_number=n, rows=512, columns=512, seed=n)
+                for n in range(1, 4)]
+    with associated(tmp_path) as (assoc, served):
+        statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+        reader = vars(served.dul)["_read_pdu_data"]
+    assert statuses == [0x0000] * 3
+    # 512 KiB of pixels each: two or more PDUs of the 256 KiB radnode announces.
+    assert isinstance(reader, pdata.PDataReader) and reader.read_directly >= 9
+    for ds in datasets:
+        stored = pydicom.dcmread(next((tmp_path / "spool").rglob(f"{ds.SOPInstanceUID}.dcm")))
+        assert stored.PixelData == ds.PixelData
