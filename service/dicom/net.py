@@ -94,11 +94,14 @@ class QuickAckSocket:
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         """``socket.recv`` after re-arming ``TCP_QUICKACK``."""
+        self._arm_quickack()
+        return self._sock.recv(bufsize, flags)
+
+    def _arm_quickack(self) -> None:
         try:
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         except OSError:
             pass  # closing: the read reports it
-        return self._sock.recv(bufsize, flags)
 
     def read_exactly(self, nr_bytes: int) -> bytes:
         """Read ``nr_bytes`` (less only if the peer closes), as few reads as arrival allows.
@@ -168,13 +171,9 @@ class QuickAckSocket:
             first, self._unread = self._unread[:len(buffer)], self._unread[len(buffer):]
             buffer[:len(first)] = first
             got = len(first)
-        sock = self._sock
         while got < len(buffer):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            except OSError:
-                pass  # closing: the read reports it
-            n = sock.recv_into(buffer[got:], min(len(buffer) - got, MAX_READ))
+            self._arm_quickack()
+            n = self._sock.recv_into(buffer[got:], min(len(buffer) - got, MAX_READ))
             if not n:
                 break  # the peer closed the connection
             got += n

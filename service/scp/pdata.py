@@ -139,9 +139,7 @@ class PDataReader:
         try:
             header = self.quick.read_exactly(6)
         except OSError as exc:  # TimeoutError included
-            pynetdicom_log.error("Connection closed before the entire PDU was received")
-            pynetdicom_log.exception(exc)
-            dul.event_queue.put("Evt17")
+            self._read_failed(exc)
             return
         length = int.from_bytes(header[2:6], "big")
         if (len(header) != 6 or header[0] != _P_DATA_TF or length > self.limit
@@ -153,9 +151,7 @@ class PDataReader:
         try:
             received = self.quick.read_into(memoryview(body))
         except OSError as exc:
-            pynetdicom_log.error("Connection closed before the entire PDU was received")
-            pynetdicom_log.exception(exc)
-            dul.event_queue.put("Evt17")
+            self._read_failed(exc)
             return
         if received != length:
             pynetdicom_log.error(f"The received PDU is shorter than expected ({6 + received} "
@@ -170,6 +166,12 @@ class PDataReader:
         self.read_directly += 1
         dul.event_queue.put("Evt10")
         dul._recv_pdu.put(DirectPData(values))
+
+    def _read_failed(self, exc: OSError) -> None:
+        """As pynetdicom reports a failed read: logged, then Evt17 (transport connection closed)."""
+        pynetdicom_log.error("Connection closed before the entire PDU was received")
+        pynetdicom_log.exception(exc)
+        self.dul.event_queue.put("Evt17")
 
 
 def read_pdata_directly(event: evt.Event) -> None:
