@@ -6,10 +6,12 @@ file: ``DULServiceProvider._read_pdu_data`` appends the body to a
 ``bytearray``, ``_decode_pdu`` copies that into ``bytes``,
 ``P_DATA_TF.decode`` slices each presentation data value (PDV) out of it,
 and ``decode_msg`` slices the message control header off before it writes.
-A 512×512 CT slice is about two 256 KiB PDUs; the copies and the large
-allocations behind them were the largest Python cost left per slice
-(py-spy of the GIL: ``_read_pdu_data`` and ``_decode_pdu`` about a fifth of
-the C-STORE's samples).
+A 512×512 CT slice is about two 256 KiB PDUs (py-spy of the GIL put
+``_read_pdu_data`` and ``_decode_pdu`` at about a fifth of a CT C-STORE's
+samples); a small instance is one PDU, decoded by pynetdicom's generic
+field decoders. Measured against reading through pynetdicom (interleaved
+pairs, ``benchmarks/README.md``): 7 % less CPU per small instance, and on
+the CT a gain within the noise of the kernel's copies and the flush.
 
 :class:`PDataReader` takes the place of ``_read_pdu_data`` on the SCP's
 plain TCP associations (:func:`read_pdata_directly`, an ``EVT_CONN_OPEN``
