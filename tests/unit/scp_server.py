@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,7 +45,11 @@ def associated(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
         assoc = scu.associate("127.0.0.1", port, ae_title="RADNODE")
         assert assoc.is_established
         try:
-            served = [a for a in server.active_associations if a.is_established]
+            # The SCP marks its side established just after its A-ASSOCIATE-AC has gone out.
+            deadline = time.monotonic() + 5
+            while not (served := [a for a in server.active_associations if a.is_established]):
+                assert time.monotonic() < deadline, "the SCP's side never became established"
+                time.sleep(0.005)
             assert len(served) == 1
             yield assoc, served[0]
         finally:
