@@ -429,13 +429,14 @@ class StorageSettings(_Section):
     #: instances are refused with 0xA700 (Out of Resources).
     min_free_mb: int = Field(default=1024, ge=0)
     #: SQLite: a received instance's file is fsynced with a mark (an extended
-    #: attribute) that records it, and its database row is flushed with those of
-    #: the next 50 ms, so that each C-STORE waits for one flush of the disk instead
-    #: of two; after a power cut the node records again, from their marks, the
-    #: instances whose rows were lost (:mod:`service.scp.durability`). False: each
-    #: row is flushed before Success. Ignored on PostgreSQL.
+    #: attribute) that records it, and a thread inserts and flushes its database
+    #: row with those of the next 50 ms, so that each C-STORE waits for one flush
+    #: of the disk instead of two and for no database statement; after a crash or a
+    #: power cut the node records again, from their marks, the instances whose rows
+    #: were lost (:mod:`service.scp.durability`). False: each row is committed and
+    #: flushed before Success. Ignored on PostgreSQL.
     batched_row_flush: bool = True
-    #: How long a row waits at most for its batch's flush (``batched_row_flush``),
+    #: How long a row waits at most for its batch's insert and flush (``batched_row_flush``),
     #: milliseconds. Longer: fewer background flushes, more instances to record
     #: again after a power cut.
     row_flush_interval_ms: int = Field(default=50, ge=1, le=600_000)

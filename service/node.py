@@ -180,11 +180,13 @@ def _recover_marked(path: Path, raw_mark: bytes, root: Path,
                   exc, kept.name)
         return 0, None
     row = repository.stored_instance(stored.sop_instance_uid, session=session)
-    if row is not None:
-        return 0, root / row.path
     relative = spool.relative_path(stored.study_uid, stored.series_uid,
                                    stored.sop_instance_uid)
     target = root / relative
+    if row is not None:
+        if row.path != relative and target.exists() and os.path.samefile(path, target):
+            target.unlink()  # a duplicate from another series, linked before its row was refused
+        return 0, root / row.path
     target.parent.mkdir(parents=True, exist_ok=True)
     if not (target.exists() and os.path.samefile(path, target)):
         spool.link_into_place(path, target)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,8 +62,11 @@ class IngestStatements:
     #: INSERT the instance unless its SOP Instance UID is there; RETURNING its
     #: id only if it was added.
     insert_instance: Executable
-    #: One more instance: counters, last arrival, back to ``receiving``.
+    #: ``b_count`` more instances: counters, last arrival, back to ``receiving``.
     add_to_series: Executable
+    #: INSERT the instance unless its SOP Instance UID is there; no RETURNING
+    #: (for ``executemany``).
+    insert_instances: Executable
     #: One more arrival of a stored SOP Instance UID.
     count_duplicate: Executable
 
@@ -84,13 +87,16 @@ def ingest_statements(dialect: str) -> IngestStatements:
         insert_instance=module.insert(_INSTANCES).on_conflict_do_nothing(
             index_elements=["sop_instance_uid"]).returning(instances.id),
         add_to_series=update(_SERIES).where(series.id == bindparam("b_series_id")).values(
-            instance_count=series.instance_count + 1,
+            instance_count=series.instance_count + bindparam(
+                "b_count", type_=series.instance_count.type),
             last_received_at=bindparam("b_received_at", type_=series.last_received_at.type),
             state="receiving",
             routed_at=None,
             expected_count=func.coalesce(series.expected_count, bindparam(
                 "b_expected_count", type_=series.expected_count.type)),
         ),
+        insert_instances=module.insert(_INSTANCES).on_conflict_do_nothing(
+            index_elements=["sop_instance_uid"]),
         count_duplicate=update(_INSTANCES)
         .where(instances.sop_instance_uid == bindparam("b_sop_instance_uid"))
         .values(duplicates=instances.duplicates + 1),
@@ -143,7 +149,11 @@ class IngestSQL:
         self.upsert_series = _Compiled(statements.upsert_series, dialect, _SERIES_COLUMNS)
         self.insert_instance = _Compiled(statements.insert_instance, dialect, _INSTANCE_COLUMNS)
         self.add_to_series = _Compiled(statements.add_to_series, dialect)
+        self.insert_instances = _Compiled(statements.insert_instances, dialect,
+                                          _INSTANCE_COLUMNS)
         self.count_duplicate = _Compiled(statements.count_duplicate, dialect)
+        #: Batches take the statements per series on SQLite (qmark parameters).
+        self._batches = dialect.name == "sqlite"
 
     def _run(self, connection: Any, statement: _Compiled, values: dict[str, Any],
              fetch: bool) -> tuple[Any, int]:
@@ -234,10 +244,129 @@ class IngestSQL:
             return False
         self._run(connection, self.add_to_series, {
             "b_series_id": series_id,
+            "b_count": 1,
             "b_received_at": received_at,
             "b_expected_count": expected_count,
         }, fetch=False)
         return True
+
+    def record_instances(self, connection: Any, rows: Sequence[dict[str, Any]]) -> list[bool]:
+        """Record stored instances in the connection's transaction, as :meth:`record_instance` does.
+
+        The rows and counters are those that calling :meth:`record_instance`
+        for each row in turn writes (the unit tests compare them), with fewer
+        statements on SQLite: per series one upsert and one update of its
+        counters, one query for the SOP Instance UIDs already stored (after
+        the first write, so that no other writer comes between), and the new
+        instances inserted with ``executemany``. On other databases it calls
+        :meth:`record_instance` per row. Nothing is committed.
+
+        Parameters
+        ----------
+        connection : DBAPI connection
+            sqlite3 or psycopg, of the engine this was compiled for.
+        rows : sequence of dict
+            :meth:`record_instance`'s keyword values per instance, in the
+            order they were received.
+
+        Returns
+        -------
+        list of bool
+            Per row, True if the instance is new, False for a SOP Instance UID
+            stored before or earlier in ``rows`` (its duplicate counter
+            counts it).
+
+        Raises
+        ------
+        sqlalchemy.exc.DBAPIError
+            A subclass wrapping the driver's error; the caller rolls back.
+        """
+        if not self._batches:
+            return [self.record_instance(connection, **row) for row in rows]
+        groups: dict[str, list[int]] = {}  # Series Instance UID: its rows, in order
+        for index, row in enumerate(rows):
+            groups.setdefault(row["series_instance_uid"], []).append(index)
+        series_ids: dict[str, int] = {}
+        for uid, indexes in groups.items():
+            first = rows[indexes[0]]
+            found, _ = self._run(connection, self.upsert_series, {
+                "series_instance_uid": uid,
+                "study_instance_uid": first["study_instance_uid"],
+                "modality": first["modality"],
+                "calling_ae_title": first["calling_ae_title"],
+                "called_ae_title": first.get("called_ae_title", ""),
+                "peer_address": first.get("peer_address", ""),
+                "state": "receiving",
+                "instance_count": 0,
+                "first_received_at": first["received_at"],
+                "last_received_at": first["received_at"],
+                "expected_count": first.get("expected_count"),
+            }, fetch=True)
+            series_ids[uid] = found[0]
+        stored = self._stored_among([row["sop_instance_uid"] for row in rows], connection)
+        new: list[bool] = []
+        for row in rows:
+            uid = row["sop_instance_uid"]
+            new.append(uid not in stored)
+            stored.add(uid)
+        self._run_many(connection, self.insert_instances, [{
+            "series_id": series_ids[row["series_instance_uid"]],
+            "sop_instance_uid": row["sop_instance_uid"],
+            "sop_class_uid": row["sop_class_uid"],
+            "transfer_syntax_uid": row["transfer_syntax_uid"],
+            "path": row["path"],
+            "size_bytes": row["size_bytes"],
+            "received_at": row["received_at"],
+            "calling_ae_title": row["calling_ae_title"],
+            "duplicates": 0,
+        } for row, added in zip(rows, new, strict=True) if added])
+        for uid, indexes in groups.items():
+            added_rows = [rows[i] for i in indexes if new[i]]
+            if not added_rows:
+                continue
+            expected = next((row.get("expected_count") for row in added_rows
+                             if row.get("expected_count") is not None), None)
+            self._run(connection, self.add_to_series, {
+                "b_series_id": series_ids[uid],
+                "b_count": len(added_rows),
+                "b_received_at": added_rows[-1]["received_at"],
+                "b_expected_count": expected,
+            }, fetch=False)
+        self._run_many(connection, self.count_duplicate, [
+            {"b_sop_instance_uid": row["sop_instance_uid"]}
+            for row, added in zip(rows, new, strict=True) if not added])
+        return new
+
+    def _stored_among(self, uids: list[str], connection: Any) -> set[str]:
+        """Which of ``uids`` are stored (SQLite; at most 500 parameters per query)."""
+        stored: set[str] = set()
+        for start in range(0, len(uids), 500):
+            chunk = uids[start:start + 500]
+            sql = ("SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN ("
+                   + ", ".join("?" * len(chunk)) + ")")
+            cursor = connection.cursor()
+            try:
+                cursor.execute(sql, chunk)
+                stored.update(uid for (uid,) in cursor.fetchall())
+            except self.dbapi_error as exc:
+                raise DBAPIError.instance(sql, chunk, exc, self.dbapi_error) from exc
+            finally:
+                cursor.close()
+        return stored
+
+    def _run_many(self, connection: Any, statement: _Compiled,
+                  values: list[dict[str, Any]]) -> None:
+        if not values:
+            return
+        parameters = [statement.parameters(value) for value in values]
+        cursor = connection.cursor()
+        try:
+            cursor.executemany(statement.sql, parameters)
+        except self.dbapi_error as exc:
+            raise DBAPIError.instance(statement.sql, parameters, exc,
+                                      self.dbapi_error) from exc
+        finally:
+            cursor.close()
 
     def count_duplicate_of(self, connection: Any, sop_instance_uid: str) -> bool:
         """Count one more arrival of a stored SOP Instance UID; False if it is not stored.
@@ -364,6 +493,11 @@ class IngestTransaction:
         """:meth:`IngestSQL.record_instance` in this transaction."""
         self.pending = True
         return self.sql.record_instance(self.connection, **values)
+
+    def record_instances(self, rows: Sequence[dict[str, Any]]) -> list[bool]:
+        """:meth:`IngestSQL.record_instances` in this transaction."""
+        self.pending = True
+        return self.sql.record_instances(self.connection, rows)
 
     def count_duplicate(self, sop_instance_uid: str) -> bool:
         """:meth:`IngestSQL.count_duplicate_of` in this transaction."""

@@ -236,24 +236,29 @@ def move_into_place(temporary: Path, target: Path, root: Path | None = None, *,
         sync_directory_chain(target.parent, root)
 
 
-def link_into_place(received: Path, target: Path) -> None:
+def link_into_place(received: Path, target: Path, *, replace: bool = True) -> None:
     """Give a fsynced received file a second name, ``target``, and keep the first.
 
     For the SCP's marked files (:mod:`service.scp.durability`): the received
     name, on disk since the file was made ahead, stays until the
     directories and the database rows have been flushed; after a power cut
-    before that, recovery finds the file by it. A file already at
-    ``target`` (never recorded: its row is being inserted now) is replaced.
-    Nothing is fsynced.
+    before that, recovery finds the file by it. With ``replace``, a file
+    already at ``target`` (never recorded: its row is being inserted now) is
+    replaced. Nothing is fsynced.
 
     Raises
     ------
+    FileExistsError
+        Without ``replace``, if ``target`` exists (e.g. the same SOP Instance
+        UID, stored before).
     OSError
         If the link cannot be made (e.g. ``EXDEV``: another file system).
     """
     try:
         os.link(received, target)
     except FileExistsError:
+        if not replace:
+            raise
         target.unlink()
         os.link(received, target)
 

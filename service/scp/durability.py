@@ -14,18 +14,27 @@ the database in SQLite, the SCP needs one:
    the row needs beyond the data set (:class:`StoredMark`: time of receipt,
    calling and called AE title, peer address). One ``fsync`` writes the
    file's data, its size and the mark.
-3. The file gets its spool name as a second link; the received name stays.
-4. The row is committed without a flush (SQLite ``synchronous=NORMAL``:
-   written to the write-ahead log, not yet flushed) and Success goes out.
-5. :class:`RowFlusher`, a thread, about every 50 ms: fsyncs the spool
-   directories that got new names, flushes SQLite's write-ahead log (what a
-   ``synchronous=FULL`` commit does), and only then removes the received
-   names of the files those rows cover.
+3. The file gets its spool name as a second link (``link(2)``, which fails
+   if the name exists: a duplicate SOP Instance UID of the same series is
+   found there); the received name stays.
+4. Success goes out. The marked file is the instance's record until its
+   row is in the database: the row waits in :class:`RowFlusher`'s queue.
+5. :class:`RowFlusher`, a thread, about every 50 ms: inserts the queued
+   rows in one transaction (SQLite ``synchronous=NORMAL``: written to the
+   write-ahead log, not yet flushed), fsyncs the spool directories that got
+   new names, flushes SQLite's write-ahead log (what a ``synchronous=FULL``
+   commit does), and only then removes the received names of the files
+   those rows cover. A row that turns out to be a duplicate (the SOP
+   Instance UID is stored in another series) loses its spool name and its
+   file: the first copy is kept, as on the path with a row per C-STORE.
+   An A-RELEASE-RQ runs the flush before the A-RELEASE-RP goes out, so
+   that a released association's instances are all in the database.
 
-A stop, a ``SIGKILL`` or an OOM kill loses nothing of this: the kernel keeps
-what was written. After a power cut (or a kernel crash) the last rows, up to
-the last flush, can be missing, and so can the spool names; the received
-names of those files are still there, with their marks.
+A stop, a ``SIGKILL`` or an OOM kill loses nothing of this: the queued rows
+are lost with the process, but the received names of their files are still
+there, with their marks, and so are the files the kernel had not yet
+written. After a power cut (or a kernel crash) the last rows, up to the last
+flush, can be missing, and so can the spool names.
 :func:`service.node.recover_incoming` records each marked file whose row is
 missing again, from its data set and its mark, and puts it under its spool
 name, before the SCP accepts associations. The write-ahead log keeps the
@@ -48,10 +57,15 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from service.dicom import spool
+
+if TYPE_CHECKING:
+    from service.db.ingest import IngestWriter
 
 log = logging.getLogger("radnode.scp")
 
@@ -148,8 +162,28 @@ def flush_wal(wal: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class _Entry:
+    """One instance in :class:`RowFlusher`'s queue."""
+
+    #: Its received name, removed once its row and spool name are on disk (None: none).
+    received: Path | None
+    #: Its series directory in the spool, fsynced before the log (None: none).
+    directory: Path | None
+    #: The row to insert (``IngestSQL.record_instance``'s values); None: committed already.
+    row: dict[str, Any] | None = None
+    #: Its spool name, which a duplicate loses.
+    target: Path | None = None
+    #: Count one more arrival of this SOP Instance UID once the rows before are in.
+    duplicate_of: str | None = None
+
+
 class RowFlusher:
-    """Flushes, in batches, the rows and spool names of marked instances; see the module.
+    """Inserts and flushes, in batches, the rows and spool names of marked instances.
+
+    See the module. Rows come two ways: :meth:`defer` queues a row for the
+    thread to insert (the C-STORE path), :meth:`stored` a row the caller
+    committed itself.
 
     Parameters
     ----------
@@ -163,7 +197,8 @@ class RowFlusher:
     Notes
     -----
     The thread starts with the first stored instance and sleeps while there
-    is nothing to flush. :meth:`close` flushes what is left.
+    is nothing to flush. :meth:`close` flushes what is left. Queued rows need
+    a writer: :meth:`attach` (``StoreContext.ingest_writer`` attaches its own).
     """
 
     def __init__(self, wal: Path, spool_dir: Path, interval_s: float = 0.05) -> None:
@@ -174,13 +209,22 @@ class RowFlusher:
         self.marks = True
         #: Instances whose rows were flushed in batches (for tests and logs).
         self.flushed = 0
-        self._pending: list[tuple[Path, Path]] = []  # (received name, spool directory)
+        #: Queued rows found to be duplicates when inserted (their files were removed).
+        self.duplicates = 0
+        self.writer: IngestWriter | None = None
+        self._pending: list[_Entry] = []
+        #: SOP Instance UIDs of queued rows, until their batch is committed.
+        self._queued: dict[str, int] = {}
         self._wake = threading.Condition()
         self._flushing = threading.Lock()
         self._closed = False
         self._stop = threading.Event()
         self._failing = False
         self._thread: threading.Thread | None = None
+
+    def attach(self, writer: IngestWriter) -> None:
+        """Insert queued rows with ``writer`` (SQLite, ``synchronous=NORMAL``)."""
+        self.writer = writer
 
     def mark(self, received: Path, mark: StoredMark) -> bool:
         """Set ``received``'s mark; False if it cannot be set (then flush its row itself).
@@ -217,8 +261,45 @@ class RowFlusher:
         directory : pathlib.Path
             Its series directory in the spool, fsynced before the log.
         """
+        self._queue(_Entry(received, directory))
+
+    def defer(self, received: Path, target: Path, row: dict[str, Any]) -> None:
+        """Queue the row of a marked, fsynced file linked at ``target``, for the thread to insert.
+
+        Parameters
+        ----------
+        received : pathlib.Path
+            Its received name, removed after the batch's flush.
+        target : pathlib.Path
+            Its spool name; its directory is fsynced before the log.
+        row : dict
+            ``IngestSQL.record_instance``'s keyword values (``sop_instance_uid``
+            among them).
+
+        Raises
+        ------
+        RuntimeError
+            If no writer is attached.
+        """
+        if self.writer is None:
+            raise RuntimeError("RowFlusher.defer needs a writer (attach)")
+        uid = row["sop_instance_uid"]
         with self._wake:
-            self._pending.append((received, directory))
+            self._queued[uid] = self._queued.get(uid, 0) + 1
+        self._queue(_Entry(received, target.parent, row, target))
+
+    def queued(self, sop_instance_uid: str) -> bool:
+        """True while a row of ``sop_instance_uid`` is queued or in its batch's transaction."""
+        with self._wake:
+            return sop_instance_uid in self._queued
+
+    def count_duplicate(self, sop_instance_uid: str) -> None:
+        """Count one more arrival of a queued SOP Instance UID, after its row is inserted."""
+        self._queue(_Entry(None, None, duplicate_of=sop_instance_uid))
+
+    def _queue(self, entry: _Entry) -> None:
+        with self._wake:
+            self._pending.append(entry)
             if len(self._pending) > 1:
                 return  # the thread knows
             if self._thread is None and not self._closed:
@@ -226,6 +307,17 @@ class RowFlusher:
                                                 name="scp-row-flusher")
                 self._thread.start()
             self._wake.notify()
+
+    @property
+    def failing(self) -> bool:
+        """True while the last flush failed: new rows are then recorded before Success."""
+        return self._failing
+
+    @property
+    def pending(self) -> int:
+        """How many instances wait for their batch."""
+        with self._wake:
+            return len(self._pending)
 
     def flush_rows(self) -> None:
         """Make every row committed so far durable now (one flush of the log).
@@ -238,11 +330,13 @@ class RowFlusher:
         flush_wal(self.wal)
 
     def flush(self) -> int:
-        """Flush what is pending now; return how many instances it covered.
+        """Insert and flush what is pending now; return how many instances it covered.
 
-        The spool directories first, then the log: then the received names
-        can go. If a flush fails, the names stay (recovery would use them)
-        and the batch is tried again later; the log says so once.
+        The queued rows first, in one transaction; then the spool
+        directories, then the log: then the received names can go. If a step
+        fails, the names stay (recovery would use them) and the batch is
+        tried again later, without the rows already committed; the log says
+        so once.
         """
         with self._flushing:
             with self._wake:
@@ -250,30 +344,85 @@ class RowFlusher:
             if not batch:
                 return 0
             try:
-                for directory in dict.fromkeys(directory for _, directory in batch):
+                batch = self._insert(batch)
+                for directory in dict.fromkeys(entry.directory for entry in batch
+                                               if entry.directory is not None):
                     try:
                         spool.sync_directory_chain(directory, self.spool_dir)
                     except FileNotFoundError:
                         continue  # removed since (a purged series): no entry to keep
                 flush_wal(self.wal)
-            except OSError as exc:
+            except (OSError, SQLAlchemyError) as exc:
                 with self._wake:
                     self._pending[:0] = batch
                 if not self._failing:
-                    log.error("cannot flush the spool's directories or the database log (%s): "
-                              "received files keep their names until it works", exc.strerror)
+                    reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
+                    log.error("cannot record or flush received instances (%s): their files "
+                              "keep their received names until it works", reason)
                 self._failing = True
                 return 0
             if self._failing:
-                log.warning("flushing the spool's directories and the database log works again")
+                log.warning("recording and flushing received instances works again")
             self._failing = False
-            for received, _ in batch:
-                try:
-                    received.unlink(missing_ok=True)
-                except OSError:  # a spare name only: the next start removes it
-                    pass
+            for entry in batch:
+                if entry.received is not None:
+                    _remove_name(entry.received)
             self.flushed += len(batch)
             return len(batch)
+
+    def _insert(self, batch: list[_Entry]) -> list[_Entry]:
+        """Insert the batch's queued rows and count its duplicates; the batch without duplicates.
+
+        Raises
+        ------
+        sqlalchemy.exc.SQLAlchemyError
+            If the transaction fails; nothing of it is committed.
+        """
+        work = [entry for entry in batch if entry.row is not None or entry.duplicate_of]
+        if not work:
+            return batch
+        if self.writer is None:
+            raise RuntimeError("queued rows without a writer")
+        refused: dict[int, tuple[_Entry, str]] = {}  # id(entry): the entry and its UID
+        inserts = [entry for entry in work if entry.row is not None]
+        with self.writer.transaction() as transaction:
+            added = transaction.record_instances([entry.row for entry in inserts
+                                                  if entry.row is not None])
+            for entry, new in zip(inserts, added, strict=True):
+                if not new and entry.row is not None:
+                    refused[id(entry)] = entry, entry.row["sop_instance_uid"]
+            for entry in work:  # after the rows: each counts a row inserted above or before
+                if entry.duplicate_of:
+                    transaction.count_duplicate(entry.duplicate_of)
+            transaction.commit()
+        uids = [entry.row["sop_instance_uid"] for entry in work if entry.row is not None]
+        for entry in work:  # committed: a retry must not insert them again
+            entry.row = None
+            entry.duplicate_of = None
+        with self._wake:
+            for uid in uids:
+                left = self._queued.pop(uid, 1) - 1
+                if left > 0:
+                    self._queued[uid] = left
+        for entry, uid in refused.values():
+            self._discard_duplicate(entry, uid)
+        return [entry for entry in batch if id(entry) not in refused
+                and (entry.received is not None or entry.directory is not None)]
+
+    def _discard_duplicate(self, entry: _Entry, sop_instance_uid: str) -> None:
+        """Remove the spool name and file of a row found to be a duplicate when inserted."""
+        self.duplicates += 1
+        received, target = entry.received, entry.target
+        try:
+            if (received is not None and target is not None and target.exists()
+                    and os.path.samefile(received, target)):
+                target.unlink()
+        except OSError:
+            pass  # a name the next start's recovery removes
+        if received is not None:
+            _remove_name(received)
+        log.info("duplicate SOP Instance UID %s (stored in another series): kept the first "
+                 "copy", sop_instance_uid)
 
     def _run(self) -> None:
         while True:
@@ -297,6 +446,13 @@ class RowFlusher:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.flush()
+
+
+def _remove_name(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a spare name only: the next start removes it
+        pass
 
 
 def row_flusher_for(engine: Engine, spool_dir: Path, enabled: bool = True,

@@ -29,6 +29,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 from pynetdicom import evt
+from pynetdicom.pdu_primitives import A_RELEASE
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -189,6 +190,8 @@ class StoreContext:
                 engine = make_engine(engine.url.render_as_string(hide_password=False),
                                      synchronous="NORMAL")
             writer = self._ingest_writer = IngestWriter(engine)
+            if self.row_flusher is not None:
+                self.row_flusher.attach(writer)  # it inserts the rows it queued
         return writer
 
     def close(self) -> None:
@@ -360,13 +363,20 @@ def _store(event: evt.Event, context: StoreContext) -> tuple[int | Dataset, Inst
 
     relative = spool.relative_path(fields.study_uid, fields.series_uid, sop_instance_uid)
     target = context.spool_dir / relative
+    flusher = context.row_flusher
+    room = context.has_room_for(fields.size_bytes)
+    # While the flusher fails (a database error), rows are recorded before Success, so that
+    # the sender is told (0xA700) and sends again later.
+    if room and durably_named and flusher is not None and flusher.marks and not flusher.failing:
+        answer = _store_marked(event, context, flusher, fields, received, relative, calling_ae)
+        if answer is not None:
+            return answer, fields
     temporary: Path | None = None
     in_place = linked = False
-    flusher = context.row_flusher
     try:
         with context.ingest_writer().transaction() as transaction:
             size = fields.size_bytes
-            if not context.has_room_for(size):
+            if not room:
                 if transaction.count_duplicate(sop_instance_uid):  # nothing new to write
                     transaction.commit()
                     context.touch(event, fields.series_uid)
@@ -446,6 +456,95 @@ def _store(event: evt.Event, context: StoreContext) -> tuple[int | Dataset, Inst
         log.debug("stored %s (series %s) from AE %s", sop_instance_uid, fields.series_uid,
                   calling_ae)
     return SUCCESS, fields
+
+
+def _store_marked(event: evt.Event, context: StoreContext, flusher: RowFlusher,
+                  fields: InstanceFields, received: Path, relative: str,
+                  calling_ae: str) -> int | Dataset | None:
+    """Store a file made ahead with a mark, its row queued (:mod:`service.scp.durability`).
+
+    The file is marked, fsynced and linked at its spool path; its row goes
+    to ``flusher``'s queue and Success is answered: the marked file is the
+    record until the flusher inserts the row. A spool path that exists is a
+    duplicate if its SOP Instance UID is queued or recorded (counted, the
+    first copy kept); otherwise a file left there unrecorded, which this one
+    replaces. Returns None, having stored nothing, where the file cannot be
+    marked or is not on the spool's file system: the caller then records the
+    row itself.
+    """
+    sop_instance_uid = fields.sop_instance_uid
+    target = context.spool_dir / relative
+    received_at = utcnow()
+    called_ae = printable(_called_ae(event), 16)[:16]
+    peer_address = printable(str(event.assoc.requestor.address), 64)[:64]
+    linked = False
+    try:
+        if not flusher.marks or not flusher.mark(
+                received, StoredMark(received_at, calling_ae[:16], called_ae, peer_address)):
+            return None
+        copy = spool.adopt(received, target, attributes=True)  # the one flush waited on
+        if copy != received:  # not on the spool's file system: no mark on the copy
+            copy.unlink(missing_ok=True)
+            return None
+        try:
+            spool.link_into_place(received, target, replace=False)
+        except FileExistsError:
+            if flusher.queued(sop_instance_uid):
+                flusher.count_duplicate(sop_instance_uid)
+                duplicate = True
+            else:
+                with context.ingest_writer().transaction() as transaction:
+                    duplicate = transaction.count_duplicate(sop_instance_uid)
+                    transaction.commit()
+            if duplicate:  # pynetdicom removes the received file after the handler
+                context.touch(event, fields.series_uid)
+                log.info("duplicate SOP Instance UID %s from AE %s: kept the first copy",
+                         sop_instance_uid, calling_ae)
+                return SUCCESS
+            spool.link_into_place(received, target)  # left there unrecorded: replaced
+        linked = True
+        context.ingest_writer()  # attaches the flusher's writer
+        flusher.defer(received, target, {
+            "study_instance_uid": fields.study_uid,
+            "series_instance_uid": fields.series_uid,
+            "sop_instance_uid": sop_instance_uid,
+            "sop_class_uid": fields.sop_class_uid,
+            "transfer_syntax_uid": str(event.context.transfer_syntax),
+            "modality": fields.modality,
+            "path": relative,
+            "size_bytes": fields.size_bytes,
+            "calling_ae_title": calling_ae[:16],
+            "called_ae_title": called_ae,
+            "peer_address": peer_address,
+            "received_at": received_at,
+            "expected_count": fields.expected_count,
+        })
+    except (OSError, SQLAlchemyError) as exc:
+        if linked:
+            target.unlink(missing_ok=True)  # not queued: never acknowledged
+        reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
+        log.error("cannot store %s from AE %s: %s", sop_instance_uid, calling_ae, reason)
+        return _status(OUT_OF_RESOURCES, "cannot write or record the instance")
+    # pynetdicom deletes the received file's name once the handler returns; this name
+    # must stay until the flusher's batch, so the file is no longer its.
+    _keep_received_name(event.request)
+    context.touch(event, fields.series_uid)
+    log.debug("stored %s (series %s) from AE %s", sop_instance_uid, fields.series_uid,
+              calling_ae)
+    return SUCCESS
+
+
+def handle_release_requested(event: evt.Event, context: StoreContext) -> None:
+    """``EVT_ACSE_RECV``: on an A-RELEASE-RQ, record the queued rows before the A-RELEASE-RP.
+
+    Once the sender has its A-RELEASE-RP, every instance it stored on the
+    association is in the database (:meth:`RowFlusher.flush`).
+    """
+    flusher = context.row_flusher
+    primitive: Any = getattr(event, "primitive", None)
+    if (flusher is not None and isinstance(primitive, A_RELEASE) and primitive.result is None
+            and flusher.pending):
+        flusher.flush()
 
 
 def _keep_received_name(request: Any) -> None:

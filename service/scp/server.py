@@ -81,6 +81,7 @@ from service.scp.handlers import (
     handle_accepted,
     handle_echo,
     handle_rejected,
+    handle_release_requested,
     handle_released,
     handle_store,
 )
@@ -454,6 +455,7 @@ def scp_handlers(context: StoreContext, policy: AssociationPolicy) -> list[Any]:
         (evt.EVT_ACCEPTED, handle_accepted, [context]),
         (evt.EVT_ACCEPTED, answer_successes_directly),
         (evt.EVT_REJECTED, handle_rejected, [context]),
+        (evt.EVT_ACSE_RECV, handle_release_requested, [context]),  # before the RP
         (evt.EVT_RELEASED, handle_released, [context]),
         (evt.EVT_ABORTED, handle_aborted, [context]),
     ]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
 
 from service.dicom.phantom import write_ct_phantom
 from tests.integration.conftest import (
@@ -93,31 +95,32 @@ def test_sigkill_node_mid_transfer_then_restart(
     tmp_path: Path, ct_series_dir: Path, storescp_pacs: Peer
 ) -> None:
     node = start_node(tmp_path, destinations=(storescp_pacs.address,))
-    sender = storescu(node.port, ct_series_dir)
+    sender = storescu(node.port, ct_series_dir, "-v")  # logs each C-STORE response
     try:
         wait_until(lambda: query(node.folder, "select count(*) from instances")[0][0] >= 30,
                    60, "30 instances stored", node.log)
         os.killpg(node.process.pid, signal.SIGKILL)
         node.process.wait()
-        sender.wait(timeout=60)
+        output, _ = sender.communicate(timeout=60)
     finally:
         stop(node.process)
         if sender.poll() is None:
             sender.kill()
-    # Right after the kill: every acknowledged (recorded) instance is on disk. Partial or
-    # renamed-but-unrecorded files may exist: they were never acknowledged.
+    acknowledged = output.count("Received Store Response (Success)")
+    # Right after the kill: every recorded instance is on disk, and so is every
+    # acknowledged one. The rows of the last batch were still queued (their files are
+    # fsynced with their marks and keep their received names: service/scp/durability.py),
+    # and the one instance in flight may have been fsynced with its mark without being
+    # acknowledged; the restart records both kinds. Partial files were never acknowledged.
     spool = node.folder / "spool"
     recorded = {path for (path,) in query(node.folder, "select path from instances")}
     assert all((spool / path).is_file() for path in recorded)
-    acknowledged = len(recorded)
-    assert 30 <= acknowledged < 134
-    # The one instance in flight may have been fsynced with its mark (it is kept and
-    # recorded at restart: service/scp/durability.py) but not committed nor acknowledged.
+    assert 30 <= len(recorded) <= acknowledged < 134
     names = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
              for p in (spool / ".incoming").glob("receiving-*")
              if "user.radnode.stored" in os.listxattr(p)}
-    in_flight = len(names - {Path(path).stem for path in recorded})
-    assert in_flight <= 1
+    queued = len(names - {Path(path).stem for path in recorded})
+    assert acknowledged <= len(recorded) + queued <= acknowledged + 1
     # The embedded worker followed its node (PR_SET_PDEATHSIG), no orphan left.
     wait_until(lambda: not worker_pids(node.folder), 20, "the orphaned worker to exit")
 
@@ -134,7 +137,7 @@ def test_sigkill_node_mid_transfer_then_restart(
     assert sorted(pacs_results(storescp_pacs.folder).values()) == ["SEG", "SR"]
     assert spool_is_consistent(restarted.folder) == 134
     assert query(restarted.folder, "select sum(duplicates) from instances") == [
-        (acknowledged + in_flight,)]
+        (len(recorded) + queued,)]
     # Processed once: the interrupted series got a fresh quiet period at restart, so it
     # completes once, with all 134 instances.
     assert query(restarted.folder, "select state, count(*) from jobs group by state") == [
@@ -300,10 +303,11 @@ def test_a_power_cut_before_the_rows_were_flushed_loses_nothing(tmp_path: Path,
     """Rows committed without a flush, and spool names, lost; the marked files bring them back.
 
     With ``storage.batched_row_flush`` (the default) the SCP fsyncs each file with its
-    mark, commits its row without a flush and keeps the file's received name until a
-    batch flush (service/scp/durability.py). Here the batch waits 10 minutes, the node is
-    killed after the whole series was acknowledged, and what a power cut before the flush
-    can take is taken by hand: the database goes back to a copy made before the send (the
+    mark, links it, queues its row and keeps the file's received name until a batch
+    inserts and flushes the rows (service/scp/durability.py). Here the batch waits 10
+    minutes, the node is killed after the whole series was acknowledged and before the
+    A-RELEASE-RQ (which would run the batch), and what a power cut before the flush can
+    take is taken by hand: the database goes back to a copy made before the send (the
     write-ahead log's unflushed frames are gone) and the spool names are removed (their
     directory entries never reached the disk).
     """
@@ -317,11 +321,20 @@ def test_a_power_cut_before_the_rows_were_flushed_loses_nothing(tmp_path: Path,
         live.close()
         copy.close()  # its last connection: the copy's own log is checkpointed into it
         assert not Path(f"{before}-wal").exists()
-        sender = storescu(node.port, ct_series_dir)
-        assert sender.wait(timeout=120) == 0, sender.stdout.read() if sender.stdout else ""
-        assert query(node.folder, "select count(*) from instances") == [(134,)]
-        os.killpg(node.process.pid, signal.SIGKILL)
-        node.process.wait()
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian,
+                                                  ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="RADNODE")
+        assert assoc.is_established
+        try:
+            statuses = {int(assoc.send_c_store(path).Status)
+                        for path in sorted(ct_series_dir.rglob("*.dcm"))}
+            assert statuses == {0x0000}  # all 134 acknowledged
+            assert query(node.folder, "select count(*) from instances") == [(0,)]  # queued
+            os.killpg(node.process.pid, signal.SIGKILL)
+            node.process.wait()
+        finally:
+            assoc.abort()
     finally:
         stop(node.process)
     spool = node.folder / "spool"

@@ -191,7 +191,7 @@ def test_a_failing_flush_keeps_the_names_and_tries_again(
         failing[0] = False
         assert flusher.flush() == 1
     assert not received.exists()
-    assert caplog.text.count("cannot flush the spool's directories") == 1  # once, not per try
+    assert caplog.text.count("cannot record or flush received instances") == 1  # once, not per try
     assert "works again" in caplog.text
     flusher.close()
 
@@ -258,19 +258,26 @@ class Node:
         self.port, self.root, self.context, self.engine, self.files = (
             port, root, context, engine, files)
 
-    def send(self, count: int) -> list[Any]:
+    def send(self, count: int, before_release: Callable[[], None] | None = None,
+             datasets: list[Any] | None = None) -> list[Any]:
         ae = AE(ae_title="CT_SCANNER_01")
         ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-        sent = [make_ct_dataset(rows=16, columns=16) for _ in range(count)]
+        sent = datasets or [make_ct_dataset(rows=16, columns=16) for _ in range(count)]
         _wait_for(lambda: self.files.ready >= 1)
         assoc = ae.associate("127.0.0.1", self.port, ae_title="RADNODE")
         assert assoc.is_established
         try:
             statuses = [int(assoc.send_c_store(ds).Status) for ds in sent]
+            if before_release is not None:
+                before_release()
         finally:
             assoc.release()
-        assert statuses == [0x0000] * count
+        assert statuses == [0x0000] * len(sent)
         return sent
+
+    def instances(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(text("select count(*) from instances")).scalar_one())
 
     def received_names(self) -> list[Path]:
         return [p for p in (self.root / ".incoming").glob("receiving-*")
@@ -299,54 +306,185 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
         engine.dispose()
 
 
-def test_the_scp_marks_links_and_commits_without_a_flush_of_its_own(
+def test_the_scp_marks_links_and_queues_the_row_without_a_flush(
         node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     flushed_logs: list[Path] = []
     real = durability.flush_wal
     monkeypatch.setattr(durability, "flush_wal",
                         lambda wal: (flushed_logs.append(wal), real(wal))[1])
-    sent = node.send(3)
-    assert flushed_logs == []  # Success came before any flush of the log
+    seen: dict[str, Any] = {}
+
+    def before_release() -> None:  # every C-STORE answered, the association still open
+        files = sorted(node.root.rglob("*.dcm"))
+        names = node.received_names()
+        seen.update(flushes=list(flushed_logs), rows=node.instances(), names=names,
+                    files=files, linked=[any(os.path.samefile(stored, name) for name in names)
+                                         for stored in files])
+
+    sent = node.send(3, before_release)
+    assert seen["flushes"] == []  # Success came before any flush of the log
+    assert seen["rows"] == 0  # the rows wait in the flusher's queue
+    assert len(seen["names"]) == 3 and seen["linked"] == [True] * 3  # marked and linked
+    for stored in seen["files"]:
+        mark = StoredMark.decode(spool.stored_mark(stored) or b"")
+        assert (mark.calling_ae_title, mark.called_ae_title, mark.peer_address) == (
+            "CT_SCANNER_01", "RADNODE", "127.0.0.1")
+        assert abs((datetime.now(UTC) - mark.received_at).total_seconds()) < 60
+    # The A-RELEASE-RQ recorded and flushed them before the A-RELEASE-RP.
+    assert flushed_logs == [node.context.row_flusher.wal if node.context.row_flusher else None]
     with node.engine.connect() as connection:
         rows = connection.execute(text(
-            "select i.path, i.calling_ae_title, s.called_ae_title, s.peer_address "
-            "from instances i join series s on s.id = i.series_id")).all()
-        # The SCP's own engine commits without a flush; the node's engine flushes.
+            "select i.path, i.calling_ae_title, s.called_ae_title, s.peer_address, "
+            "s.instance_count from instances i join series s on s.id = i.series_id")).all()
+        assert connection.execute(text("select sum(instance_count) from series")).scalar() == 3
+        # The flusher's engine commits without a flush; the node's engine flushes.
         assert connection.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
     writer = node.context.ingest_writer()
     with writer.engine.connect() as connection:
         assert connection.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
     assert sorted(path.rsplit("/", 1)[1] for path, *_ in rows) == sorted(
         f"{ds.SOPInstanceUID}.dcm" for ds in sent)
-    assert {tuple(row[1:]) for row in rows} == {("CT_SCANNER_01", "RADNODE", "127.0.0.1")}
-    names = node.received_names()
-    assert len(names) == 3  # kept until the flush
-    for path, *_ in rows:
-        stored = node.root / path
-        assert any(os.path.samefile(stored, name) for name in names)
-        mark = StoredMark.decode(spool.stored_mark(stored) or b"")
-        assert (mark.calling_ae_title, mark.called_ae_title, mark.peer_address) == (
-            "CT_SCANNER_01", "RADNODE", "127.0.0.1")
-        assert abs((datetime.now(UTC) - mark.received_at).total_seconds()) < 60
-    assert node.context.row_flusher is not None
-    assert node.context.row_flusher.flush() == 3
-    assert flushed_logs == [node.context.row_flusher.wal]
+    assert {tuple(row[1:]) for row in rows} == {("CT_SCANNER_01", "RADNODE", "127.0.0.1", 1)}
     assert node.received_names() == []
+    assert sorted(node.root / path for path, *_ in rows) == seen["files"]
     assert all((node.root / path).is_file() for path, *_ in rows)
 
 
 def test_a_duplicate_leaves_no_second_name(node: Node) -> None:
     (ds,) = node.send(1)
-    ae = AE(ae_title="CT_SCANNER_01")
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="RADNODE")
-    try:
-        assert int(assoc.send_c_store(ds).Status) == 0x0000
-    finally:
-        assoc.release()
-    assert len(node.received_names()) == 1  # the first copy's, until the flush
+    assert node.instances() == 1
+    node.send(1, datasets=[ds])  # another association: the row is in the database
+    assert node.received_names() == []
+    assert len(list(node.root.rglob("*.dcm"))) == 1
     with node.engine.connect() as connection:
         assert connection.execute(text("select duplicates from instances")).scalar() == 1
+
+
+def test_a_duplicate_of_a_queued_row_is_counted_after_it(node: Node) -> None:
+    ds = make_ct_dataset(rows=16, columns=16)
+    seen: dict[str, Any] = {}
+    node.send(2, lambda: seen.update(rows=node.instances()), datasets=[ds, ds])
+    assert seen["rows"] == 0  # both answered while the first row was queued
+    assert node.instances() == 1 and node.received_names() == []
+    assert len(list(node.root.rglob("*.dcm"))) == 1
+    with node.engine.connect() as connection:
+        assert connection.execute(text("select duplicates from instances")).scalar() == 1
+
+
+def test_a_duplicate_in_another_series_loses_its_file_when_its_row_is_refused(
+        node: Node) -> None:
+    first = make_ct_dataset(rows=16, columns=16)
+    second = make_ct_dataset(rows=16, columns=16)
+    second.SOPInstanceUID = first.SOPInstanceUID  # the same instance, another series
+    seen: dict[str, Any] = {}
+    node.send(2, lambda: seen.update(files=len(list(node.root.rglob("*.dcm")))),
+              datasets=[first, second])
+    assert seen["files"] == 2  # both linked, each under its own series
+    assert node.context.row_flusher is not None and node.context.row_flusher.duplicates == 1
+    assert node.instances() == 1 and node.received_names() == []
+    (kept,) = node.root.rglob("*.dcm")
+    assert kept.parent.name == first.SeriesInstanceUID  # the first copy is kept
+    with node.engine.connect() as connection:
+        assert connection.execute(text("select duplicates from instances")).scalar() == 1
+
+
+def test_a_file_left_unrecorded_at_the_spool_path_is_replaced(node: Node) -> None:
+    ds = make_ct_dataset(rows=16, columns=16)
+    left = node.root / spool.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                           ds.SOPInstanceUID)
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"never recorded")
+    node.send(1, datasets=[ds])
+    assert node.instances() == 1
+    assert left.read_bytes() != b"never recorded" and len(left.read_bytes()) > 512
+
+
+def test_rows_lost_with_the_process_are_recorded_again_from_the_marks(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.node import recover_incoming
+
+    flusher = node.context.row_flusher
+    assert flusher is not None
+
+    def killed() -> None:  # the process dies with its queue (SIGKILL, OOM kill)
+        with flusher._wake:
+            flusher._pending.clear()
+            flusher._queued.clear()
+
+    sent = node.send(3, killed)
+    assert node.instances() == 0 and len(node.received_names()) == 3
+    assert recover_incoming(node.root, make_session_factory(node.engine)) == 3
+    assert node.instances() == 3 and node.received_names() == []
+    for ds in sent:
+        path = node.root / spool.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                               ds.SOPInstanceUID)
+        assert path.is_file()
+
+
+def test_while_the_flusher_fails_each_row_is_recorded_before_success(node: Node) -> None:
+    flusher = node.context.row_flusher
+    assert flusher is not None
+    flusher._failing = True  # as after a failed batch (a database error)
+    seen: dict[str, Any] = {}
+    node.send(2, lambda: seen.update(rows=node.instances(), queued=flusher.pending))
+    assert seen == {"rows": 2, "queued": 2}  # committed by the C-STORE, names kept for the flush
+
+
+def test_recovery_keeps_the_first_of_two_copies_in_two_series(node: Node) -> None:
+    from service.node import recover_incoming
+
+    flusher = node.context.row_flusher
+    assert flusher is not None
+    first = make_ct_dataset(rows=16, columns=16)
+    second = make_ct_dataset(rows=16, columns=16)
+    second.SOPInstanceUID = first.SOPInstanceUID
+
+    def killed() -> None:
+        with flusher._wake:
+            flusher._pending.clear()
+            flusher._queued.clear()
+
+    node.send(2, killed, datasets=[first, second])
+    assert len(list(node.root.rglob("*.dcm"))) == 2  # both linked, no row yet
+    assert recover_incoming(node.root, make_session_factory(node.engine)) == 1
+    (kept,) = node.root.rglob("*.dcm")
+    assert kept.parent.name == first.SeriesInstanceUID
+    assert node.instances() == 1 and list((node.root / ".incoming").glob("receiving-*")) == []
+
+
+def test_a_failed_flush_does_not_insert_the_rows_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.db.ingest import IngestWriter
+
+    engine, wal = _database(tmp_path)
+    root = (tmp_path / "spool").resolve()
+    flusher = RowFlusher(wal, root)
+    flusher.attach(IngestWriter(engine))
+    received, target = _stored_file(root, 1)
+    flusher.defer(received, target, {
+        "study_instance_uid": "1.2.3", "series_instance_uid": "1.2.3.4",
+        "sop_instance_uid": "1.2.3.4.1", "sop_class_uid": CTImageStorage,
+        "transfer_syntax_uid": ExplicitVRLittleEndian, "modality": "CT",
+        "path": "1.2.3/1.2.3.4/1.2.3.4.1.dcm", "size_bytes": 100,
+        "calling_ae_title": "CT_SCANNER_01", "called_ae_title": "RADNODE",
+        "peer_address": "127.0.0.1", "received_at": MARK.received_at})
+    assert flusher.queued("1.2.3.4.1")
+    failing = [True]
+
+    def log(path: Path) -> None:
+        if failing[0]:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(durability, "flush_wal", log)
+    assert flusher.flush() == 0  # inserted and committed, not flushed
+    assert not flusher.queued("1.2.3.4.1") and received.exists()
+    failing[0] = False
+    assert flusher.flush() == 1
+    assert flusher.duplicates == 0 and target.is_file() and not received.exists()
+    with engine.connect() as connection:
+        assert connection.execute(text(
+            "select count(*), sum(duplicates) from instances")).one() == (1, 0)
+    engine.dispose()
 
 
 def test_without_extended_attributes_each_row_is_flushed_before_success(

@@ -59,7 +59,7 @@ def _through_sqlalchemy(factory: sessionmaker[Session], values: dict[str, Any]) 
                             {"b_sop_instance_uid": values["sop_instance_uid"]})
         else:
             session.execute(statements.add_to_series, {
-                "b_series_id": series_id, "b_received_at": values["received_at"],
+                "b_series_id": series_id, "b_count": 1, "b_received_at": values["received_at"],
                 "b_expected_count": values["expected_count"]})
         session.commit()
     return added is not None
@@ -136,6 +136,42 @@ def test_the_rows_are_those_sqlalchemy_writes(engine: Engine) -> None:
             Instance.sop_instance_uid == uids[0])).one()
         assert first.duplicates == 1
         assert first.received_at.replace(tzinfo=None) == T0.replace(tzinfo=None)
+
+
+def test_a_batch_writes_the_rows_of_one_call_per_instance(engine: Engine) -> None:
+    writer = IngestWriter(engine)
+    ours, theirs = generate_uid(), generate_uid()
+    uids = [generate_uid() for _ in range(3)]
+    other_uids = [generate_uid() for _ in range(3)]
+    batch: list[dict[str, Any]] = []
+    _story(lambda v: batch.append(v) or True, ours, uids)
+    stored_before = _values(generate_uid(), generate_uid())
+    assert _through_writer(writer, stored_before)
+    batch.append(dict(stored_before, series_instance_uid=ours, path="elsewhere.dcm"))
+    with writer.transaction() as transaction:
+        assert transaction.record_instances(batch) == [True, True, False, True, False]
+        transaction.commit()
+    assert _story(lambda v: _through_writer(writer, v), theirs,
+                  other_uids) == [True, True, False, True]
+    rename = dict(zip(other_uids, uids, strict=True)) | {theirs: ours}
+
+    def same_uids(row: tuple[Any, ...]) -> tuple[Any, ...]:
+        out = []
+        for value in row:
+            if isinstance(value, str):
+                for old, new in rename.items():
+                    value = value.replace(old, new)
+            out.append(value)
+        return tuple(out)
+
+    our_series, our_instances = _raw_rows(engine, ours)
+    their_series, their_instances = _raw_rows(engine, theirs)
+    assert our_series == [same_uids(r) for r in their_series]
+    assert our_instances == [same_uids(r) for r in their_instances]
+    with engine.connect() as connection:  # the one stored before counts one more arrival
+        assert connection.execute(text(
+            "SELECT duplicates FROM instances WHERE sop_instance_uid = :uid"),
+            {"uid": stored_before["sop_instance_uid"]}).scalar_one() == 1
 
 
 def test_a_transaction_not_committed_is_rolled_back(engine: Engine) -> None:
