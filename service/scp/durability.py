@@ -213,8 +213,6 @@ class RowFlusher:
         self.duplicates = 0
         self.writer: IngestWriter | None = None
         self._pending: list[_Entry] = []
-        #: SOP Instance UIDs of queued rows, until their batch is committed.
-        self._queued: dict[str, int] = {}
         self._wake = threading.Condition()
         self._flushing = threading.Lock()
         self._closed = False
@@ -276,25 +274,21 @@ class RowFlusher:
             ``IngestSQL.record_instance``'s keyword values (``sop_instance_uid``
             among them).
 
-        Raises
-        ------
-        RuntimeError
-            If no writer is attached.
+        Notes
+        -----
+        The file keeps its received name until the row is committed, so a
+        link count over one at ``target`` says that its row is queued.
+        :meth:`flush` needs a writer (:meth:`attach`).
         """
-        if self.writer is None:
-            raise RuntimeError("RowFlusher.defer needs a writer (attach)")
-        uid = row["sop_instance_uid"]
-        with self._wake:
-            self._queued[uid] = self._queued.get(uid, 0) + 1
         self._queue(_Entry(received, target.parent, row, target))
 
-    def queued(self, sop_instance_uid: str) -> bool:
-        """True while a row of ``sop_instance_uid`` is queued or in its batch's transaction."""
-        with self._wake:
-            return sop_instance_uid in self._queued
-
     def count_duplicate(self, sop_instance_uid: str) -> None:
-        """Count one more arrival of a queued SOP Instance UID, after its row is inserted."""
+        """Count one more arrival of a SOP Instance UID, after the rows queued before.
+
+        Counted in the batch that holds it; a count that reaches the database
+        before the first copy's row (queued later, or in another SCP process)
+        counts nothing.
+        """
         self._queue(_Entry(None, None, duplicate_of=sop_instance_uid))
 
     def _queue(self, entry: _Entry) -> None:
@@ -395,15 +389,9 @@ class RowFlusher:
                 if entry.duplicate_of:
                     transaction.count_duplicate(entry.duplicate_of)
             transaction.commit()
-        uids = [entry.row["sop_instance_uid"] for entry in work if entry.row is not None]
         for entry in work:  # committed: a retry must not insert them again
             entry.row = None
             entry.duplicate_of = None
-        with self._wake:
-            for uid in uids:
-                left = self._queued.pop(uid, 1) - 1
-                if left > 0:
-                    self._queued[uid] = left
         for entry, uid in refused.values():
             self._discard_duplicate(entry, uid)
         return [entry for entry in batch if id(entry) not in refused

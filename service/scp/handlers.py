@@ -465,20 +465,24 @@ def _store_marked(event: evt.Event, context: StoreContext, flusher: RowFlusher,
 
     The file is marked, fsynced and linked at its spool path; its row goes
     to ``flusher``'s queue and Success is answered: the marked file is the
-    record until the flusher inserts the row. A spool path that exists is a
-    duplicate if its SOP Instance UID is queued or recorded (counted, the
-    first copy kept); otherwise a file left there unrecorded, which this one
-    replaces. Returns None, having stored nothing, where the file cannot be
-    marked or is not on the spool's file system: the caller then records the
-    row itself.
+    record until the flusher inserts the row. Nothing after the link can
+    fail, so a file linked there is always a queued row. A spool path that
+    exists holds the first copy (counted, kept) if that file still has its
+    received name too (its row is queued, in this process or another SCP
+    process: the name goes only after the row's commit) or if its SOP
+    Instance UID is recorded (checked after the link count, so that a row
+    committed in between is seen); otherwise it is a file left there
+    unrecorded, which this one replaces. Returns None, having stored
+    nothing, where the file cannot be marked or is not on the spool's file
+    system: the caller then records the row itself.
     """
     sop_instance_uid = fields.sop_instance_uid
     target = context.spool_dir / relative
     received_at = utcnow()
     called_ae = printable(_called_ae(event), 16)[:16]
     peer_address = printable(str(event.assoc.requestor.address), 64)[:64]
-    linked = False
     try:
+        writer = context.ingest_writer()  # also attaches the flusher's writer
         if not flusher.marks or not flusher.mark(
                 received, StoredMark(received_at, calling_ae[:16], called_ae, peer_address)):
             return None
@@ -489,11 +493,11 @@ def _store_marked(event: evt.Event, context: StoreContext, flusher: RowFlusher,
         try:
             spool.link_into_place(received, target, replace=False)
         except FileExistsError:
-            if flusher.queued(sop_instance_uid):
-                flusher.count_duplicate(sop_instance_uid)
+            if os.stat(target).st_nlink > 1:  # the first copy's row is queued
+                flusher.count_duplicate(sop_instance_uid)  # after it, if in this process
                 duplicate = True
             else:
-                with context.ingest_writer().transaction() as transaction:
+                with writer.transaction() as transaction:
                     duplicate = transaction.count_duplicate(sop_instance_uid)
                     transaction.commit()
             if duplicate:  # pynetdicom removes the received file after the handler
@@ -502,8 +506,6 @@ def _store_marked(event: evt.Event, context: StoreContext, flusher: RowFlusher,
                          sop_instance_uid, calling_ae)
                 return SUCCESS
             spool.link_into_place(received, target)  # left there unrecorded: replaced
-        linked = True
-        context.ingest_writer()  # attaches the flusher's writer
         flusher.defer(received, target, {
             "study_instance_uid": fields.study_uid,
             "series_instance_uid": fields.series_uid,
@@ -520,8 +522,6 @@ def _store_marked(event: evt.Event, context: StoreContext, flusher: RowFlusher,
             "expected_count": fields.expected_count,
         })
     except (OSError, SQLAlchemyError) as exc:
-        if linked:
-            target.unlink(missing_ok=True)  # not queued: never acknowledged
         reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
         log.error("cannot store %s from AE %s: %s", sop_instance_uid, calling_ae, reason)
         return _status(OUT_OF_RESOURCES, "cannot write or record the instance")

@@ -399,6 +399,20 @@ def test_a_file_left_unrecorded_at_the_spool_path_is_replaced(node: Node) -> Non
     assert left.read_bytes() != b"never recorded" and len(left.read_bytes()) > 512
 
 
+def test_a_spool_file_whose_row_is_queued_elsewhere_is_the_first_copy(
+        node: Node, tmp_path: Path) -> None:
+    """Another SCP process linked its copy and queued its row: two names, no row yet."""
+    ds = make_ct_dataset(rows=16, columns=16)
+    first = node.root / spool.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                            ds.SOPInstanceUID)
+    first.parent.mkdir(parents=True)
+    first.write_bytes(b"the first copy")
+    os.link(first, tmp_path / "its-received-name")
+    node.send(1, datasets=[ds])  # answered Success: a duplicate
+    assert first.read_bytes() == b"the first copy"
+    assert node.instances() == 0 and node.received_names() == []  # its row is the other's
+
+
 def test_rows_lost_with_the_process_are_recorded_again_from_the_marks(
         node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     from service.node import recover_incoming
@@ -409,7 +423,6 @@ def test_rows_lost_with_the_process_are_recorded_again_from_the_marks(
     def killed() -> None:  # the process dies with its queue (SIGKILL, OOM kill)
         with flusher._wake:
             flusher._pending.clear()
-            flusher._queued.clear()
 
     sent = node.send(3, killed)
     assert node.instances() == 0 and len(node.received_names()) == 3
@@ -442,7 +455,6 @@ def test_recovery_keeps_the_first_of_two_copies_in_two_series(node: Node) -> Non
     def killed() -> None:
         with flusher._wake:
             flusher._pending.clear()
-            flusher._queued.clear()
 
     node.send(2, killed, datasets=[first, second])
     assert len(list(node.root.rglob("*.dcm"))) == 2  # both linked, no row yet
@@ -468,7 +480,7 @@ def test_a_failed_flush_does_not_insert_the_rows_twice(
         "path": "1.2.3/1.2.3.4/1.2.3.4.1.dcm", "size_bytes": 100,
         "calling_ae_title": "CT_SCANNER_01", "called_ae_title": "RADNODE",
         "peer_address": "127.0.0.1", "received_at": MARK.received_at})
-    assert flusher.queued("1.2.3.4.1")
+    assert flusher.pending == 1
     failing = [True]
 
     def log(path: Path) -> None:
@@ -477,7 +489,9 @@ def test_a_failed_flush_does_not_insert_the_rows_twice(
 
     monkeypatch.setattr(durability, "flush_wal", log)
     assert flusher.flush() == 0  # inserted and committed, not flushed
-    assert not flusher.queued("1.2.3.4.1") and received.exists()
+    assert flusher.pending == 1 and received.exists()  # its name waits for the next try
+    with engine.connect() as connection:
+        assert connection.execute(text("select count(*) from instances")).scalar() == 1
     failing[0] = False
     assert flusher.flush() == 1
     assert flusher.duplicates == 0 and target.is_file() and not received.exists()

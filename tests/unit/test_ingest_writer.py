@@ -103,6 +103,24 @@ def _story(record: Any, series_uid: str, uids: list[str]) -> list[bool]:
     ]
 
 
+def _assert_same_rows(engine: Engine, ours: str, theirs: str, rename: dict[str, str]) -> None:
+    """Series ``ours`` holds the rows of ``theirs``, once their UIDs are renamed."""
+
+    def renamed(row: tuple[Any, ...]) -> tuple[Any, ...]:
+        out = []
+        for value in row:
+            if isinstance(value, str):
+                for old, new in rename.items():
+                    value = value.replace(old, new)
+            out.append(value)
+        return tuple(out)
+
+    our_series, our_instances = _raw_rows(engine, ours)
+    their_series, their_instances = _raw_rows(engine, theirs)
+    assert our_series == [renamed(r) for r in their_series]
+    assert our_instances == [renamed(r) for r in their_instances]
+
+
 def test_the_rows_are_those_sqlalchemy_writes(engine: Engine) -> None:
     factory = make_session_factory(engine)
     writer = IngestWriter(engine)
@@ -112,21 +130,8 @@ def test_the_rows_are_those_sqlalchemy_writes(engine: Engine) -> None:
     assert _story(lambda v: _through_writer(writer, v), ours, uids) == [True, True, False, True]
     assert _story(lambda v: _through_sqlalchemy(factory, v), theirs,
                   other_uids) == [True, True, False, True]
-    our_series, our_instances = _raw_rows(engine, ours)
-    their_series, their_instances = _raw_rows(engine, theirs)
-    rename = dict(zip(other_uids, uids, strict=True)) | {theirs: ours}
-
-    def same_uids(row: tuple[Any, ...]) -> tuple[Any, ...]:
-        out = []
-        for value in row:
-            if isinstance(value, str):
-                for old, new in rename.items():
-                    value = value.replace(old, new)
-            out.append(value)
-        return tuple(out)
-
-    assert our_series == [same_uids(r) for r in their_series]
-    assert our_instances == [same_uids(r) for r in their_instances]
+    _assert_same_rows(engine, ours, theirs,
+                      dict(zip(other_uids, uids, strict=True)) | {theirs: ours})
     # And the ORM reads them back as it reads its own.
     with factory() as session:
         series = session.scalars(select(Series).where(Series.series_instance_uid == ours)).one()
@@ -153,21 +158,8 @@ def test_a_batch_writes_the_rows_of_one_call_per_instance(engine: Engine) -> Non
         transaction.commit()
     assert _story(lambda v: _through_writer(writer, v), theirs,
                   other_uids) == [True, True, False, True]
-    rename = dict(zip(other_uids, uids, strict=True)) | {theirs: ours}
-
-    def same_uids(row: tuple[Any, ...]) -> tuple[Any, ...]:
-        out = []
-        for value in row:
-            if isinstance(value, str):
-                for old, new in rename.items():
-                    value = value.replace(old, new)
-            out.append(value)
-        return tuple(out)
-
-    our_series, our_instances = _raw_rows(engine, ours)
-    their_series, their_instances = _raw_rows(engine, theirs)
-    assert our_series == [same_uids(r) for r in their_series]
-    assert our_instances == [same_uids(r) for r in their_instances]
+    _assert_same_rows(engine, ours, theirs,
+                      dict(zip(other_uids, uids, strict=True)) | {theirs: ours})
     with engine.connect() as connection:  # the one stored before counts one more arrival
         assert connection.execute(text(
             "SELECT duplicates FROM instances WHERE sop_instance_uid = :uid"),
