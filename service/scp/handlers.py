@@ -538,12 +538,13 @@ def handle_release_requested(event: evt.Event, context: StoreContext) -> None:
     """``EVT_ACSE_RECV``: on an A-RELEASE-RQ, record the queued rows before the A-RELEASE-RP.
 
     Once the sender has its A-RELEASE-RP, every instance it stored on the
-    association is in the database (:meth:`RowFlusher.flush`).
+    association is in the database (:meth:`RowFlusher.flush`, which also
+    waits for a batch the flusher thread is writing; with nothing queued it
+    returns at once).
     """
     flusher = context.row_flusher
     primitive: Any = getattr(event, "primitive", None)
-    if (flusher is not None and isinstance(primitive, A_RELEASE) and primitive.result is None
-            and flusher.pending):
+    if flusher is not None and isinstance(primitive, A_RELEASE) and primitive.result is None:
         flusher.flush()
 
 

@@ -350,6 +350,34 @@ def test_the_scp_marks_links_and_queues_the_row_without_a_flush(
     assert all((node.root / path).is_file() for path, *_ in rows)
 
 
+def test_a_release_waits_for_the_batch_the_flusher_is_writing(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    flusher = node.context.row_flusher
+    assert flusher is not None
+    sql = node.context.ingest_writer().sql
+    real = sql.record_instances
+    writing = threading.Event()
+
+    def slow(connection: Any, rows: Any) -> list[bool]:
+        writing.set()
+        time.sleep(0.5)
+        return real(connection, rows)
+
+    monkeypatch.setattr(sql, "record_instances", slow)
+    background = threading.Thread(target=flusher.flush)
+
+    def flushing_now() -> None:  # the flusher thread has taken the batch, not yet committed
+        background.start()
+        assert writing.wait(5)
+        assert flusher.pending == 0 and node.instances() == 0
+
+    node.send(3, flushing_now)
+    assert node.instances() == 3  # the A-RELEASE-RP came after the batch's commit
+    background.join(5)
+
+
 def test_a_duplicate_leaves_no_second_name(node: Node) -> None:
     (ds,) = node.send(1)
     assert node.instances() == 1
