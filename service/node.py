@@ -201,7 +201,8 @@ def _recover_marked(path: Path, raw_mark: bytes, root: Path,
     session.commit()
     spool.sync_directory_chain(target.parent, root)
     path.unlink()
-    log.warning("recorded %s (series %s) again from its file: a power cut lost its row",
+    log.warning("recorded %s (series %s) again from its file: a crash or a power cut lost "
+                "its row",
                 stored.sop_instance_uid, stored.series_uid)
     return 1, None
 
