@@ -240,6 +240,24 @@ class DicomServer(ThreadedAssociationServer):
         """True while the listening socket is open."""
         return self.socket is not None and self.socket.fileno() >= 0
 
+    def shutdown(self) -> None:
+        """Refuse new connections at once, then stop the accept loop and close the socket.
+
+        ``socketserver`` sees a shutdown request only between its polls (every
+        0.5 s) and accepts connections until then: a peer that connected just
+        after a SIGTERM got an association. Shutting the listening socket down
+        first takes it out of ``LISTEN`` on Linux (new connections are
+        refused) and wakes the accept loop, whose ``accept`` then fails and is
+        ignored until the loop stops.
+        """
+        listening = self.socket
+        if listening is not None:
+            try:
+                listening.shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed already, or not a listening socket
+                pass
+        super().shutdown()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; TLS is set up later, in the connection's thread."""
         sock = cast(socket.socket, self.socket)

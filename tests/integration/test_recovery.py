@@ -248,6 +248,10 @@ def test_sigterm_drains_associations_in_flight(tmp_path: Path, ct_series_dir: Pa
     try:
         wait_until(lambda: query(node.folder, "select count(*) from instances")[0][0] >= 10,
                    60, "10 instances stored", node.log)
+        # The SCP listens before the node's start ends (loops, HTTP API); a SIGTERM is acted
+        # on once it has ended. On a loaded machine 10 instances can come before that.
+        wait_until(lambda: "radnode ready" in node.log.read_text(), 60, "the node's start",
+                   node.log)
         node.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         late = subprocess.run(
