@@ -476,7 +476,8 @@ def _parameter_table() -> str:
          "Spool free-space reserve, MiB; below it C-STORE answers `0xA700`."),
         ("storage.batched_row_flush", StorageSettings, "batched_row_flush",
          "SQLite: Success waits for one flush of the disk (the file and its mark); the "
-         "rows are flushed in batches and recorded again from the marks after a power cut."),
+         "rows are inserted and flushed in batches and recorded again from the marks after a "
+         "crash or a power cut."),
         ("delivery.ae_title", DeliverySettings, "ae_title",
          "Calling AE Title of every association the Delivery AE opens."),
         ("delivery.connect_timeout_s", DeliverySettings, "connect_timeout_s",
