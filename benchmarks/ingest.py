@@ -30,6 +30,7 @@ receiver.
     .venv/bin/python benchmarks/ingest.py [--repeats 3] [--input DIR]
         [--small-count 1000] [--stock-small-count 200] [--no-stock]
         [--markdown [FILE]] [--profile FILE] [--store-times]
+        [--compare COMMIT [--pairs N]]
 
 ``--profile FILE`` adds, per series, one untimed send to radnode with py-spy
 attached to it (``pip install py-spy``), writes py-spy's raw (collapsed)
@@ -37,6 +38,12 @@ stacks to FILE (the first series; ``FILE-1``... for the others) and prints the
 top frames. py-spy counts a thread in ``time.sleep`` as active: pynetdicom's
 polling loops (``dul.py`` ``run_reactor``, ``association.py``
 ``_run_reactor``) show up although they wait.
+
+``--compare COMMIT`` (with ``--pairs N``, default 10) measures a change instead: radnode
+at COMMIT and at this checkout, each from a temporary git worktree, in N pairs that alternate
+which goes first, with storescp in every round; it prints the median of the pairwise ratios
+of seconds and of the node's CPU seconds during the send. Every run ends with ``sync``, so
+that no run is slowed by the writeback of an earlier one's unflushed files.
 
 ``--store-times`` runs radnode with its HTTP API on loopback (``/metrics`` open),
 waits for it before each send, and after each radnode run prints that run's
@@ -187,6 +194,8 @@ class Receiver:
     proc: subprocess.Popen[bytes] | None = None
     log: Path = Path()
     extra: dict[str, int] = field(default_factory=dict)
+    #: The checkout a radnode receiver runs from (``--compare`` runs another commit's).
+    repo: Path = REPO
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         raise NotImplementedError
@@ -203,7 +212,7 @@ class Receiver:
         assert ECHOSCU is not None
         with self.log.open("wb") as log_file:
             self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                         env=env, cwd=REPO, start_new_session=True)
+                                         env=env, cwd=self.repo, start_new_session=True)
         deadline = time.monotonic() + ready_timeout_s
         while True:
             if self.proc.poll() is not None:
@@ -480,8 +489,19 @@ def run_case(case: Case, series: Series, work: Path, tag: str) -> float:
                   flush=True)
         return seconds
     finally:
-        receiver.stop()
-        shutil.rmtree(work / tag, ignore_errors=True)
+        finish(receiver, work / tag)
+
+
+def finish(receiver: Receiver, folder: Path) -> None:
+    """Stop a receiver, delete its folder, and write out what the system still holds dirty.
+
+    The next run then starts with no writeback of this one's files pending:
+    storescp and eatmydata leave their files unflushed, and the kernel
+    writes dirty pages back about 30 s later, during whatever runs then.
+    """
+    receiver.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+    os.sync()
 
 
 # --------------------------------------------------------------------------- profile
@@ -748,6 +768,83 @@ def durability_pairs(series: list[Series], work: Path, pairs: int) -> None:
     print("on/off: median of the pairwise ratios of seconds; 1.03 = durability costs 3 %")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of a process so far (``/proc/PID/stat``, Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_radnode_run(repo: Path, series: Series, work: Path, tag: str) -> tuple[float, float]:
+    """One send to radnode run from ``repo``: seconds, and the node's CPU seconds during it."""
+    receiver = Radnode(f"radnode ({tag})", "RADNODE", repo=repo)
+    try:
+        receiver.start(work / tag)
+        time.sleep(3.0)  # the start's own work (HTTP off: imports, recovery) is over
+        assert receiver.proc is not None
+        before = process_cpu_seconds(receiver.proc.pid)
+        seconds = send(receiver, series, True)
+        return seconds, process_cpu_seconds(receiver.proc.pid) - before
+    finally:
+        finish(receiver, work / tag)
+
+
+def compare_commits(series: list[Series], work: Path, pairs: int, commit: str) -> None:
+    """Paired runs of radnode at ``commit`` and at this checkout; print the ratios.
+
+    Both sides run from temporary git worktrees side by side, with this
+    checkout's virtual environment: ``base`` at ``commit``, ``new`` at this
+    checkout's state (``git stash create``: its uncommitted changes to
+    tracked files included). Run from two different folders, the same
+    commit differed by up to 10 % between them here, so neither side runs
+    from the repository itself. Each pair runs both, one after the other,
+    in alternating order, then storescp; each run starts a fresh receiver
+    and ends with ``sync``. Printed per series: the median of the pairwise
+    ratios of seconds (new / base) and of the node's CPU seconds during the
+    send (utime + stime), how many pairs ``new`` won, and both medians
+    against storescp's in the same rounds.
+    """
+    parent = Path(tempfile.mkdtemp(prefix="radnode-compare-"))
+    base, new = parent / "base", parent / "new"
+    state = subprocess.run(["git", "-C", str(REPO), "stash", "create"], check=True,
+                           capture_output=True, text=True).stdout.strip() or "HEAD"
+    for folder, revision in ((base, commit), (new, state)):
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder),
+                        revision], check=True, capture_output=True)
+    scp = Case("main", Storescp, "storescp", "STORESCP", True, baseline=True)
+    try:
+        print(f"\n{pairs} pairs per series: radnode at {commit} (base) and at this checkout "
+              f"({state[:12]}, new), one storescu association each, TCP_NODELAY=1")
+        for s in series:
+            ratios: list[float] = []
+            cpu_ratios: list[float] = []
+            seconds: dict[str, list[float]] = {"base": [], "new": [], "storescp": []}
+            for k in range(pairs):
+                order = ("base", "new") if k % 2 == 0 else ("new", "base")
+                runs = {name: timed_radnode_run(base if name == "base" else new, s, work,
+                                                f"c{k}{name}") for name in order}
+                seconds["storescp"].append(run_case(scp, s, work, f"c{k}scp"))
+                for name in ("base", "new"):
+                    seconds[name].append(runs[name][0])
+                ratios.append(runs["new"][0] / runs["base"][0])
+                cpu_ratios.append(runs["new"][1] / max(runs["base"][1], 1e-3))
+                print(f"  {s.name} pair {k + 1}: base {runs['base'][0]:.3f} s "
+                      f"(CPU {runs['base'][1]:.2f} s), new {runs['new'][0]:.3f} s "
+                      f"(CPU {runs['new'][1]:.2f} s), new/base {ratios[-1]:.3f}; storescp "
+                      f"{seconds['storescp'][-1]:.3f} s", flush=True)
+            median = {name: statistics.median(v) for name, v in seconds.items()}
+            print(f"{s.name}: new/base {statistics.median(ratios):.3f} (new faster in "
+                  f"{sum(r < 1 for r in ratios)} of {pairs}), CPU new/base "
+                  f"{statistics.median(cpu_ratios):.3f}; medians base {median['base']:.3f} s, "
+                  f"new {median['new']:.3f} s, storescp {median['storescp']:.3f} s: "
+                  f"vs storescp base {median['storescp'] / median['base']:.2f}×, "
+                  f"new {median['storescp'] / median['new']:.2f}×")
+    finally:
+        for folder in (base, new):
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
+                            str(folder)], capture_output=True)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -784,6 +881,13 @@ def main() -> None:
                         help="only measure what durability costs: PAIRS back-to-back runs of "
                         "radnode with fsync and under eatmydata, per series, alternating "
                         "which goes first; prints the median of the pairwise ratios")
+    parser.add_argument("--compare", default="", metavar="COMMIT",
+                        help="only compare radnode at COMMIT (a git worktree) with this "
+                        "checkout: --pairs pairs per series, alternating which goes first, "
+                        "storescp in every round; prints the pairwise ratios of seconds and "
+                        "of the node's CPU seconds")
+    parser.add_argument("--pairs", type=int, default=10,
+                        help="pairs per series with --compare")
     parser.add_argument("--store-times", action="store_true",
                         help="radnode also serves /metrics on loopback; after each of its runs "
                         "print its C-STORE store times (radnode_cstore_store_seconds): the "
@@ -831,6 +935,10 @@ def main() -> None:
             return
         if args.durability > 0:
             durability_pairs(series, work, args.durability)
+            print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
+            return
+        if args.compare:
+            compare_commits(series, work, args.pairs, args.compare)
             print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
             return
         cases = [c for c in build_cases(with_orthanc) if not (args.no_stock and c.table == "stock")]
