@@ -35,7 +35,7 @@ from service.retention import purge_due
 from service.scheduler import Loop, Router, complete_and_route, publish_pending, sweep_jobs
 from service.scp import receive, wakeups
 from service.scp.durability import StoredMark
-from service.scp.handlers import StoreContext, read_stored_file
+from service.scp.handlers import StoreContext, begin_structure_check, read_stored_file
 from service.scp.pool import effective_processes, start_scp_pool
 from service.scp.server import Scp, start_scp
 
@@ -496,7 +496,8 @@ class Node:
         else:
             self.store_context = StoreContext.for_node(s, factory, self.metrics)
             self._server = start_scp(s.dicom, self.store_context)
-            self._incoming = receive.install(incoming)  # files made ahead of the data sets
+            # Files made ahead of the data sets; each data set's check begins as it arrives.
+            self._incoming = receive.install(incoming, begin=begin_structure_check)
             wakeups.install()  # association threads wait for work instead of polling
             self._wakeups = True
         # Only now can the sender resend: a series cut off by the stop gets a full quiet

@@ -18,7 +18,7 @@ from pydicom.fileutil import read_undefined_length_value
 from pydicom.tag import BaseTag, SequenceDelimiterTag
 from pydicom.uid import UID
 
-from service.dicom.walk import walk_top_level
+from service.dicom.walk import Walked, walk_prefix, walk_top_level
 from service.errors import InvalidInstanceError
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -170,6 +170,12 @@ def check_complete_and_collect(data: _Data, transfer_syntax: UID,
     """
     elements, head, whole, first = _walk_dataset(
         data, transfer_syntax, frozenset(tags) | {SPECIFIC_CHARACTER_SET})
+    return _collected(elements, head, whole, first, transfer_syntax)
+
+
+def _collected(elements: dict[BaseTag, _Element], head: bytes, whole: bool, first: bytes,
+               transfer_syntax: UID) -> Collected | None:
+    """The checks after the walk, and what :func:`check_complete_and_collect` returns."""
     # Before it inflates, dcmread reads group 0000 elements, and a first element header
     # shorter than 8 bytes is consumed by that look-ahead (nothing else is read).
     if head[:2] == b"\0\0" or 0 < len(head) < 8:
@@ -188,6 +194,105 @@ def check_complete_and_collect(data: _Data, transfer_syntax: UID,
             raise InvalidInstanceError(f"cannot parse data set: {type(exc).__name__}",
                                        0xC000) from exc
     return Collected(elements, implicit, bool(transfer_syntax.is_little_endian), encoding)
+
+
+@dataclass(frozen=True)
+class BegunCheck:
+    """A structure check begun on the first bytes of a data set, before the rest arrived.
+
+    Made by :func:`begin_check`; :meth:`finish` ends it once the data set's
+    length is known.
+
+    Attributes
+    ----------
+    walked : service.dicom.walk.Walked
+        How far the walk over the first bytes got.
+    head : bytes
+        The data set's first 8 bytes.
+    transfer_syntax : pydicom.uid.UID
+        Its transfer syntax.
+    """
+
+    walked: Walked
+    head: bytes
+    transfer_syntax: UID
+
+    def finish(self, length: int, base: int) -> Collected | None | NotFinished:
+        """:func:`check_complete_and_collect`'s outcome, where the walk needs no more bytes.
+
+        Parameters
+        ----------
+        length : int
+            The data set's whole length, bytes.
+        base : int
+            Where the data set would begin in the buffer the whole check
+            walks (0 for its bytes, its offset in the file for a mapped
+            file): the found elements' ``value_tell`` is shifted by it, as
+            that walk gives it.
+
+        Returns
+        -------
+        Collected or None or NotFinished
+            What :func:`check_complete_and_collect` returns for the whole
+            data set, if the walk stopped exactly at its end; otherwise
+            :data:`NOT_FINISHED`, and the caller checks the whole data set
+            (the elements after the first bytes, or a data set that ends
+            before the walk did and is refused there).
+
+        Raises
+        ------
+        InvalidInstanceError
+            As :func:`check_complete_and_collect`.
+        """
+        walked = self.walked
+        if walked.pos != length:
+            return NOT_FINISHED
+        elements: dict[BaseTag, _Element] = {
+            tag: element._replace(value_tell=element.value_tell + base)
+            for tag, element in walked.found.items()}
+        return _collected(elements, self.head, True, self.head[:6], self.transfer_syntax)
+
+
+class NotFinished:
+    """The type of :data:`NOT_FINISHED`."""
+
+
+#: :meth:`BegunCheck.finish`: the check needs the whole data set.
+NOT_FINISHED = NotFinished()
+
+
+def begin_check(prefix: bytes | memoryview, transfer_syntax: UID,
+                tags: Iterable[int]) -> BegunCheck | None:
+    """Begin :func:`check_complete_and_collect` on the first bytes of a data set.
+
+    The structure check walks the elements of what has arrived (e.g. the
+    first data set fragment of a C-STORE-RQ, DICOM PS3.7 E.2;
+    :func:`service.dicom.walk.walk_prefix`), so that once the rest has
+    arrived, a data set whose elements all began there (a CT slice's
+    pixel data runs on past its first fragment, unread) needs no further
+    reading: :meth:`BegunCheck.finish`.
+
+    Parameters
+    ----------
+    prefix : bytes or memoryview
+        The data set's first bytes, without File Meta.
+    transfer_syntax : pydicom.uid.UID
+        Its transfer syntax.
+    tags : iterable of int
+        As for :func:`check_complete_and_collect`.
+
+    Returns
+    -------
+    BegunCheck or None
+        None where the check cannot be begun this way: a deflated data set,
+        or fewer than 8 bytes.
+    """
+    if transfer_syntax.is_deflated or len(prefix) < 8:
+        return None
+    walked = walk_prefix(prefix, bool(transfer_syntax.is_implicit_VR),
+                         bool(transfer_syntax.is_little_endian),
+                         frozenset(tags) | {SPECIFIC_CHARACTER_SET})
+    return BegunCheck(walked, bytes(prefix[:8]), transfer_syntax)
 
 
 def _walk_dataset(data: _Data, transfer_syntax: UID,

@@ -34,12 +34,20 @@ None, and the caller walks the data set with pydicom, whose outcome
   fragments ending in a Sequence Delimitation Item;
 * a Specific Character Set inside an item, or one at the top level that
   pydicom cannot read.
+
+:func:`walk_prefix` runs the same walk over the first bytes of a data set
+while the rest is still arriving (the first fragment of a C-STORE's data
+set), and stops before the first element it cannot finish there; a value it
+skips unread (a CT slice's Pixel Data) may run on past those bytes. If the
+data set ends exactly where that walk stopped, its elements are those the
+whole walk gives (:func:`service.dicom.inspect.begin_check`).
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from pydicom.charset import convert_encodings
@@ -120,9 +128,65 @@ def walk_top_level(buffer: Buffer, start: int, implicit_vr: bool, little_endian:
         pydicom's reader to say.
     """
     try:
-        return _Walk(buffer, little_endian).top_level(start, implicit_vr, wanted)
+        return _Walk(buffer, little_endian).top_level(start, implicit_vr, wanted).found
     except (_NotPlain, struct.error):
         return None
+
+
+@dataclass(frozen=True)
+class Walked:
+    """How far a walk over the first bytes of a data set got (:func:`walk_prefix`).
+
+    Attributes
+    ----------
+    pos : int
+        Offset, from the data set's first byte, of the first top-level
+        element not walked: the end of the last one walked. It may lie
+        beyond the bytes walked, after a value that runs on past them
+        (e.g. Pixel Data), which was skipped unread.
+    found : dict
+        Tag → ``RawDataElement`` of each wanted tag walked past, as
+        :func:`walk_top_level` returns them (``value_tell`` from the data
+        set's first byte).
+    collecting : bool
+        False once a pixel data element has been walked past.
+    """
+
+    pos: int
+    found: dict[BaseTag, RawDataElement]
+    collecting: bool
+
+
+def walk_prefix(prefix: bytes | memoryview, implicit_vr: bool, little_endian: bool,
+                wanted: frozenset[int]) -> Walked:
+    """Walk the top-level elements of the first bytes of a data set, as far as they go.
+
+    The same walk as :func:`walk_top_level`, over what has arrived of a data
+    set (e.g. the first fragment of a C-STORE's data set, DICOM PS3.7 E.2),
+    stopping before the first element it cannot finish there: one whose
+    header, wanted value, Specific Character Set or undefined-length value
+    is not whole in ``prefix``, or one the walk would leave to pydicom. A
+    value the walk skips unread may run on past ``prefix``. Each element
+    walked is walked as :func:`walk_top_level` walks it over the whole data
+    set, so if the data set turns out to end exactly at :attr:`Walked.pos`,
+    :attr:`Walked.found` is what that walk returns.
+
+    Parameters
+    ----------
+    prefix : bytes or memoryview
+        The data set's first bytes, without File Meta.
+    implicit_vr, little_endian : bool
+        The transfer syntax's encoding; not deflated.
+    wanted : frozenset of int
+        As for :func:`walk_top_level`.
+
+    Returns
+    -------
+    Walked
+        Where the walk stopped, and what it found before.
+    """
+    data = prefix if isinstance(prefix, bytes) else bytes(prefix)  # VR fields are looked up
+    return _Walk(data, little_endian).top_level(0, implicit_vr, wanted, prefix=True)
 
 
 class _Walk:
@@ -153,30 +217,49 @@ class _Walk:
             raise _NotPlain  # pydicom guesses: implicit VR, or a 16-bit length
         return tag, vr, self.codec.u16(self.buffer, pos + 6)[0], pos + 8
 
-    def top_level(self, pos: int, implicit: bool,
-                  wanted: frozenset[int]) -> dict[BaseTag, RawDataElement]:
+    def top_level(self, pos: int, implicit: bool, wanted: frozenset[int], *,
+                  prefix: bool = False) -> Walked:
+        """Walk the top-level elements from ``pos`` to the end of the buffer.
+
+        With ``prefix`` the buffer holds only the data set's first bytes: the
+        walk stops before an element it cannot finish in them, and a value
+        it skips may run on past them.
+        """
         found: dict[BaseTag, RawDataElement] = {}
         collecting = True
         buffer, end = self.buffer, self.end
         while pos < end:
-            tag, vr, length, value_at = self.header(pos, implicit)
-            if tag >> 16 == 0xFFFE:
-                raise _NotPlain  # an item or delimiter at the top level
-            if length == UNDEFINED_LENGTH:
-                if collecting and tag in wanted:
-                    raise _NotPlain
-                pos = self.undefined_value(tag, vr, value_at, implicit)
-                if tag in _PIXEL_DATA_TAGS:
-                    collecting = False
-                continue
-            pos = value_at + length
-            if pos > end:
-                raise _NotPlain
+            at = pos
+            try:
+                tag, vr, length, value_at = self.header(pos, implicit)
+                if tag >> 16 == 0xFFFE:
+                    raise _NotPlain  # an item or delimiter at the top level
+                if length == UNDEFINED_LENGTH:
+                    if collecting and tag in wanted:
+                        raise _NotPlain
+                    pos = self.undefined_value(tag, vr, value_at, implicit)
+                    if tag in _PIXEL_DATA_TAGS:
+                        collecting = False
+                    continue
+                pos = value_at + length
+                if pos > end:
+                    if not prefix or tag == _SPECIFIC_CHARACTER_SET or (
+                            collecting and tag in wanted):
+                        raise _NotPlain
+                    if tag in _PIXEL_DATA_TAGS:  # runs on past the prefix, skipped unread
+                        collecting = False
+                    continue
+            except (_NotPlain, struct.error):
+                if prefix:
+                    return Walked(at, found, collecting)
+                raise
             if tag == _SPECIFIC_CHARACTER_SET:
                 try:  # pydicom's generator reads it as it passes
                     convert_encodings(convert_string(bytes(buffer[value_at:pos]),
                                                      self.little))
                 except Exception as exc:
+                    if prefix:
+                        return Walked(at, found, collecting)
                     raise _NotPlain from exc
             if not collecting:
                 continue
@@ -188,7 +271,7 @@ class _Walk:
                               else empty_value_for_VR(name, raw=True))
                 found[BaseTag(tag)] = RawDataElement(BaseTag(tag), name, length, value,
                                                      value_at, implicit, self.little)
-        return found
+        return Walked(pos, found, collecting)
 
     def undefined_value(self, tag: int, vr: bytes | None, pos: int, implicit: bool,
                         depth: int = 0) -> int:

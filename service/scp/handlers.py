@@ -13,6 +13,7 @@ titles only, and leaves no partial file and no row behind.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -28,6 +29,7 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.pdu_primitives import A_RELEASE
 from sqlalchemy import Engine
@@ -40,7 +42,14 @@ from service.db.ingest import IngestWriter
 from service.db.session import make_engine, utcnow
 from service.delivery.commitment import CommitmentReport
 from service.dicom import spool
-from service.dicom.inspect import check_complete_and_collect, dataset_offset
+from service.dicom.inspect import (
+    NOT_FINISHED,
+    BegunCheck,
+    Collected,
+    begin_check,
+    check_complete_and_collect,
+    dataset_offset,
+)
 from service.dicom.uids import printable, require_uid
 from service.errors import InvalidInstanceError
 from service.scp import receive
@@ -632,6 +641,86 @@ def _read_fields(event: evt.Event, request: Any, received: Path) -> InstanceFiel
     if sop_class_uid != str(event.context.abstract_syntax):
         raise InvalidInstanceError(
             "SOP Class differs from the presentation context", DATASET_DOES_NOT_MATCH_SOP_CLASS)
+    transfer_syntax = event.context.transfer_syntax
+    size, collected = _finish_begun_check(request, transfer_syntax)
+    if collected is NOT_FINISHED:
+        size, collected = _check_file(received, transfer_syntax)
+    values = _plain_values(collected.elements) if collected is not None else None
+    if values is None:  # not plain: read through pydicom's Dataset
+        if collected is not None:
+            dataset = collected.dataset()
+        else:  # an odd top level (group 0000, VR encoding): as dcmread reads it
+            with received.open("rb") as handle:
+                dataset = _parse(lambda: dcmread(handle, stop_before_pixels=True,
+                                                 specific_tags=list(_TAGS)))
+        values = _dataset_values(dataset)
+    study_uid, series_uid, ds_sop_instance, ds_sop_class, modality, expected = values
+    if ds_sop_instance is not None and ds_sop_instance != sop_instance_uid:
+        raise InvalidInstanceError(
+            "SOP Instance UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS)
+    if ds_sop_class is not None and ds_sop_class != sop_class_uid:
+        raise InvalidInstanceError(
+            "SOP Class UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS)
+    return InstanceFields(sop_instance_uid, sop_class_uid, study_uid, series_uid, modality,
+                          expected, size)
+
+
+def begin_structure_check(prefix: Any, transfer_syntax: str) -> BegunCheck | None:
+    """Begin the C-STORE handler's structure check on a data set's first fragment.
+
+    :func:`service.dicom.inspect.begin_check` with the attributes the
+    handler reads; ``begin`` of :func:`service.scp.receive.install`, called
+    in the DUL thread as the fragment is written. On a CT slice the rest of
+    the data set (its pixel data) is then still arriving, and the handler
+    has no element left to walk (:func:`_finish_begun_check`).
+
+    Parameters
+    ----------
+    prefix : bytes-like
+        The data set's first fragment (DICOM PS3.7 E.2), without File Meta.
+    transfer_syntax : str
+        The Transfer Syntax UID of the file's File Meta.
+
+    Returns
+    -------
+    service.dicom.inspect.BegunCheck or None
+        None for a data set the check does not begin this way (deflated,
+        under 8 bytes).
+    """
+    return begin_check(prefix, _transfer_syntax_uid(transfer_syntax), _TAGS)
+
+
+#: Transfer Syntax UIDs as pydicom ``UID`` objects, made (and validated) once each.
+_transfer_syntax_uid = functools.lru_cache(maxsize=64)(UID)
+
+
+def _finish_begun_check(request: Any, transfer_syntax: UID) -> tuple[int, Any]:
+    """The structure check begun on the received file's first fragment, ended if it can be.
+
+    Returns
+    -------
+    tuple of (int, Collected or None or NotFinished)
+        The file's size (bytes) and what :func:`check_complete_and_collect`
+        gives for its data set; :data:`NOT_FINISHED` (size 0) if no check
+        was begun or the data set has elements the walk did not reach: the
+        caller checks the whole file.
+    """
+    handle: Any = getattr(request, "_dataset_file", None)
+    begun = getattr(handle, "begun", None)
+    start = getattr(handle, "dataset_start", None)
+    if not isinstance(begun, BegunCheck) or start is None or \
+            begun.transfer_syntax != transfer_syntax:
+        return 0, NOT_FINISHED
+    fd = handle.fileno()
+    spool.start_writeback(fd)  # overlaps what is left before the fsync
+    size = os.fstat(fd).st_size
+    length = size - start
+    # As _check_file walks it: the data set's bytes, or the mapped file.
+    return size, begun.finish(length, 0 if length <= _WALK_IN_MEMORY_BYTES else start)
+
+
+def _check_file(received: Path, transfer_syntax: UID) -> tuple[int, Collected | None]:
+    """The received file's size (bytes) and :func:`check_complete_and_collect` of its data set."""
     with received.open("rb") as handle:  # one open, one walk over the elements
         spool.start_writeback(handle.fileno())  # overlaps the checks below
         offset = dataset_offset(handle)
@@ -642,31 +731,10 @@ def _read_fields(event: evt.Event, request: Any, received: Path) -> InstanceFiel
         # data, multi-frame) mapped, so that only the pages of its headers are read.
         if size - offset <= _WALK_IN_MEMORY_BYTES:
             handle.seek(offset)
-            collected = check_complete_and_collect(handle.read(), event.context.transfer_syntax,
-                                                   _TAGS)
-        else:
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                mapped.seek(offset)
-                collected = check_complete_and_collect(mapped, event.context.transfer_syntax,
-                                                       _TAGS)
-        values = _plain_values(collected.elements) if collected is not None else None
-        if values is None:  # not plain: read through pydicom's Dataset
-            if collected is not None:
-                dataset = collected.dataset()
-            else:  # an odd top level (group 0000, VR encoding): as dcmread reads it
-                handle.seek(0)
-                dataset = _parse(lambda: dcmread(handle, stop_before_pixels=True,
-                                                 specific_tags=list(_TAGS)))
-            values = _dataset_values(dataset)
-    study_uid, series_uid, ds_sop_instance, ds_sop_class, modality, expected = values
-    if ds_sop_instance is not None and ds_sop_instance != sop_instance_uid:
-        raise InvalidInstanceError(
-            "SOP Instance UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS)
-    if ds_sop_class is not None and ds_sop_class != sop_class_uid:
-        raise InvalidInstanceError(
-            "SOP Class UID differs from the request", DATASET_DOES_NOT_MATCH_SOP_CLASS)
-    return InstanceFields(sop_instance_uid, sop_class_uid, study_uid, series_uid, modality,
-                          expected, size)
+            return size, check_complete_and_collect(handle.read(), transfer_syntax, _TAGS)
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            mapped.seek(offset)
+            return size, check_complete_and_collect(mapped, transfer_syntax, _TAGS)
 
 
 def read_stored_file(path: Path) -> tuple[InstanceFields, str]:

@@ -610,7 +610,7 @@ def run_child(settings: Settings, channel: socket.socket, index: int,
     """
     from service.db.session import make_engine, make_session_factory
     from service.scp import receive, wakeups
-    from service.scp.handlers import StoreContext
+    from service.scp.handlers import StoreContext, begin_structure_check
     from service.scp.server import scp_handlers
 
     incoming = settings.spool_dir / ".incoming"
@@ -666,7 +666,7 @@ def run_child(settings: Settings, channel: socket.socket, index: int,
     signal.signal(signal.SIGTERM, _raise_drain)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     timeout_s = d.drain_timeout_s
-    ready_files = receive.install(incoming)  # made ahead of the data sets
+    ready_files = receive.install(incoming, begin=begin_structure_check)  # made ahead
     wakeups.install()  # association threads wait for work instead of polling
     send_message(channel, {"t": "ready"})
     log.info("SCP process %d ready (its share: %d associations)", index, max_associations)

@@ -42,6 +42,7 @@ import secrets
 import struct
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -64,13 +65,38 @@ class ReceiveFile(io.BufferedWriter):
     pynetdicom writes through the object and flushes its ``file`` after each
     fragment; here ``file`` is the object itself, so no wrapper forwards every
     call (``tempfile._TemporaryFileWrapper`` resolves each through
-    ``__getattr__``). ``name`` is the file's path (a ``str``).
+    ``__getattr__``). ``name`` is the file's path (a ``str``). Once its File
+    Meta is written (:func:`write_file_meta`), ``dataset_start`` is the data
+    set's offset, and the first fragment written after it goes to
+    :func:`install`'s ``begin``, whose result is ``begun``.
     """
+
+    #: What :func:`install`'s ``begin`` made of the data set's first bytes (None: nothing).
+    begun: Any = None
+    #: The data set's offset in the file, once its File Meta is written (else None).
+    dataset_start: int | None = None
+    #: Set by :func:`write_file_meta`: the next write is the data set's first fragment.
+    _transfer_syntax: str | None = None
 
     @property
     def file(self) -> ReceiveFile:
         """The object itself (``NamedTemporaryFile(...).file`` in pynetdicom's calls)."""
         return self
+
+    def write(self, data: Any) -> int:
+        """Write ``data``; hand the data set's first fragment to :func:`install`'s ``begin``."""
+        written = super().write(data)
+        syntax = self._transfer_syntax
+        if syntax is not None:
+            self._transfer_syntax = None
+            begin = _begin
+            if begin is not None:
+                try:
+                    self.begun = begin(data, syntax)
+                except Exception as exc:  # noqa: BLE001 (the whole check runs later)
+                    log.debug("no structure check begun on %s: %s", self.name,
+                              type(exc).__name__)
+        return written
 
 
 def _owner_only(path: str, flags: int) -> int:
@@ -161,6 +187,9 @@ def write_file_meta(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None:
     """
     if isinstance(meta, FileMeta) and not args and not kwargs:
         fp.write(meta.encode())
+        if isinstance(fp, ReceiveFile):
+            fp.dataset_start = fp.tell()
+            fp._transfer_syntax = meta.transfer_syntax
         return
     write_file_meta_info(fp, meta, *args, **kwargs)
 
@@ -339,9 +368,12 @@ def _replace(**names: Any) -> None:
 
 _active: IncomingFiles | None = None
 _lock = threading.Lock()
+#: :func:`install`'s ``begin``.
+_begin: Callable[[Any, str], Any] | None = None
 
 
-def install(directory: Path, depth: int = 16) -> IncomingFiles:
+def install(directory: Path, depth: int = 16,
+            begin: Callable[[Any, str], Any] | None = None) -> IncomingFiles:
     """Have pynetdicom receive into files made ahead in ``directory``, File Meta written directly.
 
     Process-wide, as pynetdicom's receive is (and ``tempfile.tempdir``): a
@@ -353,16 +385,25 @@ def install(directory: Path, depth: int = 16) -> IncomingFiles:
         ``<spool>/.incoming``; created if missing.
     depth : int
         Files kept ready.
+    begin : callable, optional
+        Called with the first data set fragment written to each file (a
+        bytes-like object, valid during the call only) and the transfer
+        syntax UID (``str``) of its File Meta, in the thread that received
+        it, while the rest of the data set is still on its way; what it
+        returns becomes the file's ``begun`` (an exception: None). The
+        C-STORE handler's structure check begins there
+        (:func:`service.scp.handlers.begin_structure_check`).
 
     Returns
     -------
     IncomingFiles
         The ready files; hand them to :func:`uninstall` on stop.
     """
-    global _active
+    global _active, _begin
     files = IncomingFiles(directory, depth).start()
     with _lock:
         previous, _active = _active, files
+        _begin = begin
         _replace(NamedTemporaryFile=files, create_file_meta=file_meta,
                  write_file_meta_info=write_file_meta)
     if previous is not None:
@@ -376,10 +417,11 @@ def uninstall(files: IncomingFiles) -> None:
     Either way ``files`` stop. pynetdicom then makes each file on the spot
     and writes its File Meta with pydicom, as it does by itself.
     """
-    global _active
+    global _active, _begin
     with _lock:
         if _active is files:
             _active = None
+            _begin = None
             _replace(NamedTemporaryFile=_MAKE_FILE, create_file_meta=create_file_meta,
                      write_file_meta_info=write_file_meta_info)
     files.stop()

@@ -30,8 +30,8 @@ from service.config import DicomSettings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.dicom import spool
-from service.scp import receive
-from service.scp.handlers import StoreContext
+from service.scp import handlers, receive
+from service.scp.handlers import StoreContext, begin_structure_check
 from service.scp.responses import answer_successes_directly, encode_store_success
 from service.scp.server import start_scp
 from tests.unit.dicom_factory import make_ct_dataset
@@ -297,6 +297,18 @@ def _free_port() -> int:
 @pytest.fixture
 def scp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ) -> Iterator[tuple[int, Path, receive.IncomingFiles]]:
+    yield from _serve(tmp_path, monkeypatch, begin=None)
+
+
+@pytest.fixture
+def scp_begun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+              ) -> Iterator[tuple[int, Path, receive.IncomingFiles]]:
+    """As the node runs it: each data set's structure check begins on its first fragment."""
+    yield from _serve(tmp_path, monkeypatch, begin=begin_structure_check)
+
+
+def _serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, begin: Any
+           ) -> Iterator[tuple[int, Path, receive.IncomingFiles]]:
     # As service.logging.configure sets it before the SCP starts: pynetdicom binds no
     # logging handler to EVT_DIMSE_SENT (one bound would take pynetdicom's path).
     monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
@@ -309,7 +321,7 @@ def scp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                      acse_timeout_s=10, dimse_timeout_s=10,
                                      network_timeout_s=10),
                        StoreContext(spool, make_session_factory(engine)))
-    files = receive.install(spool / ".incoming")
+    files = receive.install(spool / ".incoming", begin=begin)
     try:
         yield port, spool, files
     finally:
@@ -386,3 +398,41 @@ def test_a_file_made_ahead_is_renamed_into_the_spool_without_directory_fsyncs(
     for ds in sent:
         (path,) = spool_dir.rglob(f"{ds.SOPInstanceUID}.dcm")
         assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_the_check_begun_on_the_first_fragment_reads_no_file_and_refuses_alike(
+        scp_begun: tuple[int, Path, receive.IncomingFiles],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    port, spool_dir, files = scp_begun
+    whole_checks: list[Path] = []
+    check_file = handlers._check_file
+
+    def counting(received: Path, transfer_syntax: Any) -> Any:
+        whole_checks.append(received)
+        return check_file(received, transfer_syntax)
+
+    monkeypatch.setattr(handlers, "_check_file", counting)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian])
+    # 256×256 16-bit pixels: the data set arrives in several fragments (16 KiB PDUs).
+    sent = [make_ct_dataset(rows=256, columns=256) for _ in range(2)]
+    sent[1].file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    small = make_ct_dataset(rows=8, columns=8)  # one fragment
+    bad = make_ct_dataset(rows=256, columns=256)
+    del bad.StudyInstanceUID  # refused: 0xC000, as by the check of the whole file
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADNODE", max_pdu=16384)
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in [*sent, small, bad]]
+    finally:
+        assoc.release()
+    assert statuses == [0x0000, 0x0000, 0x0000, 0xC000]
+    assert whole_checks == []  # every check ended from its first fragment
+    for ds in [*sent, small]:
+        (path,) = spool_dir.rglob(f"{ds.SOPInstanceUID}.dcm")
+        stored = dcmread(path)
+        assert stored.SeriesInstanceUID == ds.SeriesInstanceUID
+        assert stored.PixelData == ds.PixelData
+    assert not list(spool_dir.rglob(f"{bad.SOPInstanceUID}.dcm"))
+    assert files.handed >= 4
