@@ -330,6 +330,14 @@ def _serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, begin: Any
         engine.dispose()
 
 
+def _ct_scu() -> AE:
+    """An SCU proposing CT Image Storage in explicit and in implicit VR little endian."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian])
+    return ae
+
+
 def test_a_real_association_uses_both_and_stores_what_pydicom_reads(
         scp: tuple[int, Path, receive.IncomingFiles], monkeypatch: pytest.MonkeyPatch) -> None:
     port, spool, files = scp
@@ -342,9 +350,7 @@ def test_a_real_association_uses_both_and_stores_what_pydicom_reads(
         pynetdicom_send(self, primitive, context_id)
 
     monkeypatch.setattr(DIMSEServiceProvider, "send_msg", counting)
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian])
+    ae = _ct_scu()
     sent = [make_ct_dataset(rows=16, columns=16) for _ in range(3)]
     sent[1].file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     bad = make_ct_dataset(rows=16, columns=16)
@@ -412,9 +418,7 @@ def test_the_check_begun_on_the_first_fragment_reads_no_file_and_refuses_alike(
         return check_file(received, transfer_syntax)
 
     monkeypatch.setattr(handlers, "_check_file", counting)
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian])
+    ae = _ct_scu()
     # 256×256 16-bit pixels: the data set arrives in several fragments (16 KiB PDUs).
     sent = [make_ct_dataset(rows=256, columns=256) for _ in range(2)]
     sent[1].file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
