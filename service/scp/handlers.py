@@ -708,9 +708,9 @@ def _finish_begun_check(request: Any, transfer_syntax: UID) -> tuple[int, Any]:
     handle: Any = getattr(request, "_dataset_file", None)
     begun = getattr(handle, "begun", None)
     start = getattr(handle, "dataset_start", None)
-    if not isinstance(begun, BegunCheck) or start is None or \
+    if not isinstance(begun, BegunCheck) or start is None or handle.closed or \
             begun.transfer_syntax != transfer_syntax:
-        return 0, NOT_FINISHED
+        return 0, NOT_FINISHED  # (pynetdicom closes the file only after the handler)
     fd = handle.fileno()
     spool.start_writeback(fd)  # overlaps what is left before the fsync
     size = os.fstat(fd).st_size

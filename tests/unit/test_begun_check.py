@@ -12,8 +12,10 @@ mutations, and through a real association.
 
 from __future__ import annotations
 
+import io
 import mmap
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -27,6 +29,8 @@ from service.dicom.inspect import (
     dataset_offset,
 )
 from service.errors import InvalidInstanceError
+from service.scp.handlers import _finish_begun_check
+from service.scp.receive import ReceiveFile
 from tests.unit.test_inspect_fields import TAGS, dicom_files
 from tests.unit.test_walk import (
     CUT_FILES,
@@ -163,3 +167,23 @@ def test_a_data_set_in_one_fragment_is_finished() -> None:
 def test_a_deflated_or_tiny_data_set_is_not_begun() -> None:
     assert begin_check(b"\x08\x00\x05\x00", UID(ImplicitVRLittleEndian), TAGS) is None
     assert begin_check(explicit_with(b""), UID("1.2.840.10008.1.2.1.99"), TAGS) is None
+
+
+def test_the_handler_checks_the_file_where_no_check_was_begun(tmp_path: Path) -> None:
+    data = explicit_with(b"")
+    syntax = UID(ExplicitVRLittleEndian)
+    handle = ReceiveFile(io.FileIO(tmp_path / "received", "xb"))
+    handle.write(b"\0" * 132)
+    handle.dataset_start = 132
+    handle.write(data)
+    handle.flush()
+    request = SimpleNamespace(_dataset_file=handle)
+    handle.begun = begin_check(data, syntax, TAGS)
+    size, collected = _finish_begun_check(request, syntax)
+    assert size == 132 + len(data)
+    assert outcome(collected) == whole(data, syntax)
+    # Another transfer syntax than the presentation context's, or a closed file: not ended.
+    assert _finish_begun_check(request, UID(ImplicitVRLittleEndian)) == (0, NOT_FINISHED)
+    handle.close()
+    assert _finish_begun_check(request, syntax) == (0, NOT_FINISHED)
+    assert _finish_begun_check(SimpleNamespace(_dataset_file=None), syntax) == (0, NOT_FINISHED)
